@@ -1,0 +1,206 @@
+// CPU kernels: one pass over memory, parallel over chunks of whole Philox groups, random
+// words generated in small batches that stay in L1 (never a materialised mask).
+#include <array>
+#include <cstring>
+#include <mutex>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "../dropout.h"
+
+namespace fused_dropout {
+namespace {
+
+// Philox groups per batch: 1024 elements' worth of words, 4 KiB on the stack.
+constexpr int64_t kBatchGroups = 256;
+// Groups per parallel task: big enough to amortise thread start-up.
+constexpr int64_t kGrainGroups = 8192;
+
+// Fills words[4*g + j] = word j of group (first_group + g). The loop body is the shared
+// scalar Philox; the compiler vectorises it across groups, and target_clones picks the
+// widest instruction set the running CPU has (AVX-512, AVX2 or baseline SSE2).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const PhiloxWords w = mask_words(seed, base, first_group + static_cast<uint64_t>(g));
+    words[4 * g + 0] = w.w[0];
+    words[4 * g + 1] = w.w[1];
+    words[4 * g + 2] = w.w[2];
+    words[4 * g + 3] = w.w[3];
+  }
+}
+
+struct RngState {
+  uint64_t seed;
+  uint64_t base;
+};
+
+template <typename scalar_t>
+struct KeepScale {
+  using acc_t = at::opmath_type<scalar_t>;
+  uint64_t threshold;
+  acc_t scale;
+  // Select, not multiply: a dropped element is +0.0 even when the input is NaN or inf.
+  C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
+    return keep(word, threshold) ? static_cast<scalar_t>(static_cast<acc_t>(x) * scale) : scalar_t(0);
+  }
+};
+
+// Row-major walk over a tensor's logical indices that tracks the memory offsets of the
+// input and output, for layouts that are not plain row-major (permuted, channels_last,
+// sliced): the mask follows the logical index, whatever the memory order.
+struct StridedWalk {
+  int64_t ndim;
+  const int64_t* sizes;
+  const int64_t* in_strides;
+  const int64_t* out_strides;
+  std::array<int64_t, kMaxDims> index{};
+  int64_t in_offset = 0;
+  int64_t out_offset = 0;
+
+  void seek(int64_t linear) {
+    in_offset = out_offset = 0;
+    for (int64_t d = ndim - 1; d >= 0; --d) {
+      index[d] = linear % sizes[d];
+      linear /= sizes[d];
+      in_offset += index[d] * in_strides[d];
+      out_offset += index[d] * out_strides[d];
+    }
+  }
+  C10_ALWAYS_INLINE void next() {
+    for (int64_t d = ndim - 1; d >= 0; --d) {
+      in_offset += in_strides[d];
+      out_offset += out_strides[d];
+      if (++index[d] < sizes[d]) return;
+      in_offset -= index[d] * in_strides[d];
+      out_offset -= index[d] * out_strides[d];
+      index[d] = 0;
+    }
+  }
+};
+
+template <typename scalar_t>
+void apply_mask(const at::Tensor& input, at::Tensor& output, RngState state, double p_drop) {
+  const int64_t numel = input.numel();
+  if (numel == 0) return;
+  const KeepScale<scalar_t> op{keep_threshold(p_drop), static_cast<typename KeepScale<scalar_t>::acc_t>(keep_scale(p_drop))};
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  const bool row_major = input.is_contiguous() && output.is_contiguous();
+  const int64_t groups = static_cast<int64_t>(counters_for(numel));
+
+  at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
+    alignas(64) uint32_t words[4 * kBatchGroups];
+    StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data()};
+    if (!row_major) walk.seek(group_begin * 4);
+    for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
+      const int64_t batch = std::min(kBatchGroups, group_end - g);
+      fill_mask_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
+      const int64_t first = g * 4;
+      const int64_t count = std::min(batch * 4, numel - first);
+      if (row_major) {
+        const scalar_t* x = in + first;
+        scalar_t* y = out + first;
+        for (int64_t i = 0; i < count; ++i) y[i] = op(x[i], words[i]);
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          out[walk.out_offset] = op(in[walk.in_offset], words[i]);
+          walk.next();
+        }
+      }
+    }
+  });
+}
+
+void dispatch_apply(const at::Tensor& input, at::Tensor& output, RngState state, double p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
+    apply_mask<scalar_t>(input, output, state, p);
+  });
+}
+
+RngState draw_state(const std::optional<int64_t>& seed, int64_t offset, const std::optional<at::Generator>& generator) {
+  if (seed.has_value()) return {static_cast<uint64_t>(*seed), static_cast<uint64_t>(offset)};
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  // A fresh 64-bit key per call; the mutex keeps concurrent callers from drawing the same one.
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return {gen->random64(), 0};
+}
+
+at::Tensor state_tensor(RngState state) {
+  at::Tensor t = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  t.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(state.seed);
+  t.mutable_data_ptr<int64_t>()[1] = static_cast<int64_t>(state.base);
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, std::optional<int64_t> seed,
+                                               int64_t offset, std::optional<at::Generator> generator) {
+  constexpr const char* kOp = "fused_dropout::dropout";
+  check_input_and_p(kOp, input, p);
+  check_randomness_args(kOp, seed, offset, generator);
+  const RngState state = draw_state(seed, offset, generator);
+  at::Tensor output = empty_output_like(input);
+  dispatch_apply(input, output, state, p);
+  return {output, state_tensor(state)};
+}
+
+at::Tensor dropout_inplace_cpu(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
+                               std::optional<at::Generator> generator) {
+  constexpr const char* kOp = "fused_dropout::dropout_";
+  check_input_and_p(kOp, input, p);
+  check_randomness_args(kOp, seed, offset, generator);
+  check_inplace_target(kOp, input);
+  const RngState state = draw_state(seed, offset, generator);
+  dispatch_apply(input, input, state, p);
+  return state_tensor(state);
+}
+
+at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_state, double p) {
+  constexpr const char* kOp = "fused_dropout::dropout_replay";
+  check_input_and_p(kOp, input, p);
+  check_rng_state(kOp, input, rng_state);
+  const at::Tensor s = rng_state.contiguous();
+  const RngState state{static_cast<uint64_t>(s.const_data_ptr<int64_t>()[0]),
+                       static_cast<uint64_t>(s.const_data_ptr<int64_t>()[1])};
+  at::Tensor output = empty_output_like(input);
+  dispatch_apply(input, output, state, p);
+  return output;
+}
+
+// Known-answer access to the raw generator: counter int64[N, 4] and key int64[N, 2], each
+// holding 32-bit words; returns the four output words of each row as int64[N, 4].
+at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
+  check_philox_args(counter, key);
+  const at::Tensor c = counter.contiguous();
+  const at::Tensor k = key.contiguous();
+  at::Tensor out = at::empty_like(c, at::MemoryFormat::Contiguous);
+  const int64_t* cp = c.const_data_ptr<int64_t>();
+  const int64_t* kp = k.const_data_ptr<int64_t>();
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  for (const auto row : c10::irange(c.size(0))) {
+    const auto w = philox4x32_10(static_cast<uint32_t>(cp[4 * row]), static_cast<uint32_t>(cp[4 * row + 1]),
+                                 static_cast<uint32_t>(cp[4 * row + 2]), static_cast<uint32_t>(cp[4 * row + 3]),
+                                 static_cast<uint32_t>(kp[2 * row]), static_cast<uint32_t>(kp[2 * row + 1]));
+    for (int j = 0; j < 4; ++j) op[4 * row + j] = static_cast<int64_t>(w.w[j]);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace fused_dropout
+
+TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
+  m.impl("dropout", &fused_dropout::dropout_cpu);
+  m.impl("dropout_", &fused_dropout::dropout_inplace_cpu);
+  m.impl("dropout_replay", &fused_dropout::dropout_replay_cpu);
+  m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cpu);
+}

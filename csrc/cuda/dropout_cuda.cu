@@ -1,0 +1,279 @@
+// CUDA kernels: each element is read once and written once; nothing else touches global
+// memory except the 16-byte rng_state. Random words come from the shared Philox in
+// registers, one Philox call per four elements.
+#include <mutex>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../dropout.h"
+
+namespace fused_dropout {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Where a call's (seed, base) comes from: a saved rng_state on the device (replay), or the
+// generator's PhiloxCudaState, which under CUDA-graph capture points at device memory that
+// each replay advances. Either way it is read on the device, so capture works.
+struct StateSource {
+  at::PhiloxCudaState philox;
+  const int64_t* saved;  // non-null: replay of a saved rng_state
+  int64_t* record;       // non-null: where the forward writes the (seed, base) it used
+};
+
+__device__ __forceinline__ void resolve_state(const StateSource& src, uint64_t& seed, uint64_t& base) {
+  if (src.saved != nullptr) {
+    seed = static_cast<uint64_t>(src.saved[0]);
+    base = static_cast<uint64_t>(src.saved[1]);
+  } else {
+    const auto unpacked = at::cuda::philox::unpack(src.philox);
+    seed = std::get<0>(unpacked);
+    base = std::get<1>(unpacked);
+  }
+  // One thread records the state for backward: the values are only known on the device
+  // when the launch was captured into a CUDA graph.
+  if (src.record != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    src.record[0] = static_cast<int64_t>(seed);
+    src.record[1] = static_cast<int64_t>(base);
+  }
+}
+
+template <typename scalar_t>
+struct KeepScale {
+  using acc_t = at::opmath_type<scalar_t>;
+  uint64_t threshold;
+  acc_t scale;
+  // Select, not multiply: a dropped element is +0.0 even when the input is NaN or inf.
+  __device__ __forceinline__ scalar_t operator()(scalar_t x, uint32_t word) const {
+    return keep(word, threshold) ? static_cast<scalar_t>(static_cast<acc_t>(x) * scale) : scalar_t(0);
+  }
+};
+
+// Elements one thread handles per step: a multiple of 4 (whole Philox groups) that is also
+// at least 16 bytes, so an aligned step is one or two 16-byte loads and stores.
+template <typename scalar_t>
+constexpr int step_elems() {
+  return sizeof(scalar_t) >= 4 ? 4 : 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Vec {
+  scalar_t v[N];
+};
+
+// Row-major input and output: the logical index is the memory index.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads) dropout_contiguous_kernel(
+    const scalar_t* in, scalar_t* out, int64_t numel, StateSource src, KeepScale<scalar_t> op) {
+  constexpr int kStep = step_elems<scalar_t>();
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t steps = (numel + kStep - 1) / kStep;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < steps; s += stride) {
+    const int64_t first = s * kStep;
+    Vec<scalar_t, kStep> x;
+    const bool full = first + kStep <= numel;
+    if (kAligned && full) {
+      x = *reinterpret_cast<const Vec<scalar_t, kStep>*>(in + first);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) x.v[j] = first + j < numel ? in[first + j] : scalar_t(0);
+    }
+    Vec<scalar_t, kStep> y;
+#pragma unroll
+    for (int g = 0; g < kStep / 4; ++g) {
+      const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) y.v[4 * g + j] = op(x.v[4 * g + j], w.w[j]);
+    }
+    if (kAligned && full) {
+      *reinterpret_cast<Vec<scalar_t, kStep>*>(out + first) = y;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) {
+        if (first + j < numel) out[first + j] = y.v[j];
+      }
+    }
+  }
+}
+
+// Any other layout (permuted, channels_last, sliced): each thread maps four logical indices
+// to memory offsets of the input and the output.
+struct StridedLayout {
+  int ndim;
+  int64_t sizes[kMaxDims];
+  int64_t in_strides[kMaxDims];
+  int64_t out_strides[kMaxDims];
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
+    const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, KeepScale<scalar_t> op) {
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t groups = (numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups; g += stride) {
+    const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(g));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      int64_t linear = g * 4 + j;
+      if (linear >= numel) break;
+      int64_t in_offset = 0, out_offset = 0;
+      for (int d = layout.ndim - 1; d >= 0; --d) {
+        const int64_t index = linear % layout.sizes[d];
+        linear /= layout.sizes[d];
+        in_offset += index * layout.in_strides[d];
+        out_offset += index * layout.out_strides[d];
+      }
+      out[out_offset] = op(in[in_offset], w.w[j]);
+    }
+  }
+}
+
+int grid_for(int64_t work_items) {
+  // Enough resident blocks to fill every SM; a grid-stride loop covers the rest. The mask
+  // does not depend on the grid, only on the logical index.
+  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
+                             (at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor / kThreads);
+  const int64_t needed = (work_items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min(needed, max_blocks)));
+}
+
+template <typename scalar_t>
+void launch(const at::Tensor& input, at::Tensor& output, const StateSource& src, double p_drop) {
+  const int64_t numel = input.numel();
+  const KeepScale<scalar_t> op{keep_threshold(p_drop),
+                               static_cast<typename KeepScale<scalar_t>::acc_t>(keep_scale(p_drop))};
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Launched even for an empty tensor, so the kernel still records rng_state.
+  if (input.is_contiguous() && output.is_contiguous()) {
+    constexpr int kStep = step_elems<scalar_t>();
+    const int grid = grid_for((numel + kStep - 1) / kStep);
+    constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
+    const bool aligned = reinterpret_cast<uintptr_t>(in) % kAlign == 0 && reinterpret_cast<uintptr_t>(out) % kAlign == 0;
+    if (aligned) {
+      dropout_contiguous_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(in, out, numel, src, op);
+    } else {
+      dropout_contiguous_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(in, out, numel, src, op);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    StridedLayout layout{};
+    layout.ndim = static_cast<int>(input.dim());
+    for (int d = 0; d < layout.ndim; ++d) {
+      layout.sizes[d] = input.size(d);
+      layout.in_strides[d] = input.stride(d);
+      layout.out_strides[d] = output.stride(d);
+    }
+    dropout_strided_kernel<scalar_t><<<grid_for((numel + 3) / 4), kThreads, 0, stream>>>(in, out, numel, layout, src, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void dispatch_launch(const at::Tensor& input, at::Tensor& output, const StateSource& src, double p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
+    launch<scalar_t>(input, output, src, p);
+  });
+}
+
+// The random state of a new call: an explicit seed, or counters reserved from the generator.
+at::PhiloxCudaState reserve_state(const at::Tensor& input, const std::optional<int64_t>& seed, int64_t offset,
+                                  const std::optional<at::Generator>& generator) {
+  if (seed.has_value()) return at::PhiloxCudaState(static_cast<uint64_t>(*seed), static_cast<uint64_t>(offset));
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator(input.device().index()));
+  // Reserving under the mutex gives concurrent callers disjoint counter ranges.
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->philox_cuda_state(counters_for(input.numel()));
+}
+
+at::Tensor new_state_tensor(const at::Tensor& input) {
+  return at::empty({2}, input.options().dtype(at::kLong));
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
+                                                int64_t offset, std::optional<at::Generator> generator) {
+  constexpr const char* kOp = "fused_dropout::dropout";
+  check_input_and_p(kOp, input, p);
+  check_randomness_args(kOp, seed, offset, generator);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = empty_output_like(input);
+  at::Tensor rng_state = new_state_tensor(input);
+  const StateSource src{reserve_state(input, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  dispatch_launch(input, output, src, p);
+  return {output, rng_state};
+}
+
+at::Tensor dropout_inplace_cuda(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
+                                std::optional<at::Generator> generator) {
+  constexpr const char* kOp = "fused_dropout::dropout_";
+  check_input_and_p(kOp, input, p);
+  check_randomness_args(kOp, seed, offset, generator);
+  check_inplace_target(kOp, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor rng_state = new_state_tensor(input);
+  const StateSource src{reserve_state(input, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  dispatch_launch(input, input, src, p);
+  return rng_state;
+}
+
+at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p) {
+  constexpr const char* kOp = "fused_dropout::dropout_replay";
+  check_input_and_p(kOp, input, p);
+  check_rng_state(kOp, input, rng_state);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor state = rng_state.contiguous();
+  at::Tensor output = empty_output_like(input);
+  const StateSource src{at::PhiloxCudaState(0, 0), state.const_data_ptr<int64_t>(), nullptr};
+  dispatch_launch(input, output, src, p);
+  return output;
+}
+
+__global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const PhiloxWords w = philox4x32_10(
+      static_cast<uint32_t>(counter[4 * row]), static_cast<uint32_t>(counter[4 * row + 1]),
+      static_cast<uint32_t>(counter[4 * row + 2]), static_cast<uint32_t>(counter[4 * row + 3]),
+      static_cast<uint32_t>(key[2 * row]), static_cast<uint32_t>(key[2 * row + 1]));
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[4 * row + j] = static_cast<int64_t>(w.w[j]);
+}
+
+at::Tensor philox4x32_10_cuda(const at::Tensor& counter, const at::Tensor& key) {
+  check_philox_args(counter, key);
+  const c10::cuda::CUDAGuard guard(counter.device());
+  const at::Tensor c = counter.contiguous();
+  const at::Tensor k = key.contiguous();
+  at::Tensor out = at::empty_like(c, at::MemoryFormat::Contiguous);
+  const int64_t rows = c.size(0);
+  if (rows == 0) return out;
+  const int blocks = static_cast<int>((rows + kThreads - 1) / kThreads);
+  philox_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      c.const_data_ptr<int64_t>(), k.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace fused_dropout
+
+TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
+  m.impl("dropout", &fused_dropout::dropout_cuda);
+  m.impl("dropout_", &fused_dropout::dropout_inplace_cuda);
+  m.impl("dropout_replay", &fused_dropout::dropout_replay_cuda);
+  m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cuda);
+}

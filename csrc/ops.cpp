@@ -1,0 +1,91 @@
+// The one schema block of the extension, and the argument checks both backends share.
+#include <Python.h>
+
+#include <cmath>
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "dropout.h"
+
+namespace fused_dropout {
+
+void check_input_and_p(const char* op, const at::Tensor& input, double p) {
+  TORCH_CHECK(input.dim() <= kMaxDims, op, ": input may have at most ", kMaxDims, " dims, got ", input.dim());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              op, ": input must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(!std::isnan(p) && p >= 0.0 && p <= 1.0,
+                    op, ": dropout probability has to be between 0 and 1, but got ", p);
+}
+
+void check_randomness_args(const char* op, const std::optional<int64_t>& seed, int64_t offset,
+                           const std::optional<at::Generator>& generator) {
+  TORCH_CHECK_VALUE(!(seed.has_value() && generator.has_value() && generator->defined()),
+                    op, ": pass either seed or generator, not both (got seed=", *seed, " and a generator)");
+  TORCH_CHECK_VALUE(seed.has_value() || offset == 0,
+                    op, ": offset is only used together with seed, but got offset=", offset, " and seed=None");
+}
+
+void check_rng_state(const char* op, const at::Tensor& input, const at::Tensor& rng_state) {
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 && rng_state.numel() == 2,
+              op, ": rng_state must be an int64 tensor of shape [2] (seed, base), got ",
+              rng_state.scalar_type(), " of shape ", rng_state.sizes());
+  TORCH_CHECK(rng_state.device() == input.device(),
+              op, ": rng_state must be on the input's device ", input.device(), ", got ", rng_state.device());
+}
+
+void check_inplace_target(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(at::has_internal_overlap(input) != at::MemOverlap::Yes,
+              op, ": in-place dropout needs an input whose elements do not share memory "
+              "(e.g. not an expand()ed tensor), got strides ", input.strides());
+}
+
+void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
+  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
+              "fused_dropout::philox4x32_10: counter must be int64 of shape [N, 4], got ", counter.scalar_type(),
+              " of shape ", counter.sizes());
+  TORCH_CHECK(key.scalar_type() == at::kLong && key.dim() == 2 && key.size(1) == 2 && key.size(0) == counter.size(0),
+              "fused_dropout::philox4x32_10: key must be int64 of shape [N, 2] with N = ", counter.size(0), ", got ",
+              key.scalar_type(), " of shape ", key.sizes());
+  TORCH_CHECK(key.device() == counter.device(), "fused_dropout::philox4x32_10: key must be on the counter's device ",
+              counter.device(), ", got ", key.device());
+}
+
+at::Tensor empty_output_like(const at::Tensor& input) {
+  return at::empty_like(input, at::MemoryFormat::Preserve);
+}
+
+}  // namespace fused_dropout
+
+// rng_state is int64[2] = (seed, base) of the mask rule: all a backward needs to
+// regenerate the mask. The random ops are nondeterministic_seeded so that graph passes
+// (CSE, dead-code merging) never fold two calls into one.
+TORCH_LIBRARY(fused_dropout, m) {
+  m.def("dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None) "
+        "-> (Tensor output, Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
+  m.def("dropout_(Tensor(a!) input, float p, int? seed=None, int offset=0, Generator? generator=None) "
+        "-> Tensor rng_state",
+        {at::Tag::nondeterministic_seeded});
+  m.def("dropout_replay(Tensor input, Tensor rng_state, float p) -> Tensor");
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+}
+
+// The shared library is imported once from Python for the registrations above; the module
+// itself only says whether the CUDA kernels were compiled in.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fused_dropout operator registrations", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef FUSED_DROPOUT_WITH_CUDA
+  constexpr long kWithCuda = 1;
+#else
+  constexpr long kWithCuda = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

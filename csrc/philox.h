@@ -1,0 +1,91 @@
+// Philox4x32-10 and the dropout mask rule, shared by the CPU and CUDA kernels.
+//
+// The contract (README, "The mask rule"): for random state (seed, base) and drop
+// probability p, the element with logical row-major index i of the mask shape is kept iff
+//
+//   r(i) = word (i mod 4) of Philox4x32-10(counter = (lo32(base + i/4), hi32(base + i/4), 0, 0),
+//                                          key     = (lo32(seed), hi32(seed)))
+//   r(i) < t,  t = round((1 - p) * 2^32)
+//
+// so the mask depends on nothing but (seed, base, i, p): not on the device, grid, vector
+// width, dtype or memory layout.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <c10/macros/Macros.h>
+
+namespace fused_dropout {
+
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+namespace philox_detail {
+constexpr uint32_t kMul0 = 0xD2511F53u;
+constexpr uint32_t kMul1 = 0xCD9E8D57u;
+constexpr uint32_t kWeyl0 = 0x9E3779B9u;
+constexpr uint32_t kWeyl1 = 0xBB67AE85u;
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE void mul_hi_lo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(product >> 32);
+  lo = static_cast<uint32_t>(product);
+#endif
+}
+}  // namespace philox_detail
+
+// The standard Random123 Philox4x32 with 10 rounds, on a full 128-bit counter.
+C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords philox4x32_10(
+    uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  using namespace philox_detail;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kWeyl0;
+      k1 += kWeyl1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mul_hi_lo(kMul0, c0, hi0, lo0);
+    mul_hi_lo(kMul1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return PhiloxWords{{c0, c1, c2, c3}};
+}
+
+// The four random words of elements 4*group .. 4*group+3 of a call with state (seed, base).
+// Counter arithmetic wraps modulo 2^64, as the rule's unsigned 64-bit integers do.
+C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords mask_words(uint64_t seed, uint64_t base, uint64_t group) {
+  const uint64_t counter = base + group;
+  return philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// t = round((1 - p) * 2^32) lies in [0, 2^32]: p = 0 must keep every word (t = 2^32) and
+// p = 1 must keep none (t = 0), so t needs 33 bits and the comparison is done in 64 bits.
+inline uint64_t keep_threshold(double p_drop) {
+  return static_cast<uint64_t>(std::nearbyint((1.0 - p_drop) * 4294967296.0));
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool keep(uint32_t word, uint64_t threshold) {
+  return static_cast<uint64_t>(word) < threshold;
+}
+
+// Counter values one call consumes: one Philox block serves four mask elements.
+inline uint64_t counters_for(int64_t mask_numel) {
+  return (static_cast<uint64_t>(mask_numel) + 3) / 4;
+}
+
+}  // namespace fused_dropout

@@ -1,0 +1,21 @@
+"""fused_dropout: dropout as one fused pass over memory.
+
+Philox random numbers, the keep/drop decision and the scaling happen in a single CPU or
+CUDA kernel; backward regenerates the mask from a 16-byte ``rng_state`` instead of storing
+it. The mask is a pure function of (seed, base, logical index, p), so the same seed gives
+the same mask on every device, dtype and memory layout.
+"""
+from . import _C
+from ._ops import philox4x32_10
+from .functional import dropout, keep_mask
+from .modules import FusedDropout
+
+__version__ = "0.1.0"
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build of the extension has its CUDA kernels compiled in."""
+    return bool(_C.with_cuda)
+
+
+__all__ = ["FusedDropout", "dropout", "keep_mask", "philox4x32_10", "has_cuda_kernels"]

@@ -1,0 +1,136 @@
+"""Typed wrappers of ``torch.ops.fused_dropout.*``, their fake kernels and autograd.
+
+The forward op returns the output and ``rng_state`` (int64[2]: seed, base). Backward calls
+``dropout_replay``, which regenerates the same mask from ``rng_state``; that is all that is
+saved, so dropout's backward (and its double backward) costs no mask memory.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator registrations)
+
+_ops = torch.ops.fused_dropout
+
+# Seeds are unsigned 64-bit in the mask rule; the op schema carries them as int64 bits.
+_U64 = 1 << 64
+
+
+def _as_int64_bits(value: int) -> int:
+    return value - _U64 if value >= (1 << 63) else value
+
+
+def dropout_op(
+    input: torch.Tensor,
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(output, rng_state)`` of one fused dropout call."""
+    if seed is not None:
+        seed = _as_int64_bits(seed)
+        offset = _as_int64_bits(offset)
+    return _ops.dropout.default(input, p, seed, offset, generator)
+
+
+def dropout_inplace_op(
+    input: torch.Tensor,
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Dropout applied to ``input`` in place; returns ``rng_state``."""
+    if seed is not None:
+        seed = _as_int64_bits(seed)
+        offset = _as_int64_bits(offset)
+    return _ops.dropout_.default(input, p, seed, offset, generator)
+
+
+def dropout_replay_op(input: torch.Tensor, rng_state: torch.Tensor, p: float) -> torch.Tensor:
+    """``input`` times the mask and scale that ``rng_state`` stands for."""
+    return _ops.dropout_replay.default(input, rng_state, p)
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Raw Philox4x32-10: counter int64[N, 4] and key int64[N, 2] of 32-bit words -> int64[N, 4]."""
+    return _ops.philox4x32_10.default(counter, key)
+
+
+# Fake kernels: shapes, dtypes and strides for torch.compile / export / meta tensors.
+@torch.library.register_fake("fused_dropout::dropout")
+def _dropout_fake(input, p, seed=None, offset=0, generator=None):
+    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::dropout_")
+def _dropout_inplace_fake(input, p, seed=None, offset=0, generator=None):
+    return input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::dropout_replay")
+def _dropout_replay_fake(input, rng_state, p):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_dropout::philox4x32_10")
+def _philox_fake(counter, key):
+    return torch.empty_like(counter, memory_format=torch.contiguous_format)
+
+
+# Autograd: d(output)/d(input) is the same mask and scale, regenerated from rng_state.
+def _dropout_setup_context(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.save_for_backward(output[1])
+
+
+def _dropout_backward(ctx, grad_output, grad_rng_state):
+    (rng_state,) = ctx.saved_tensors
+    return dropout_replay_op(grad_output, rng_state, ctx.p), None, None, None, None
+
+
+torch.library.register_autograd(
+    "fused_dropout::dropout", _dropout_backward, setup_context=_dropout_setup_context
+)
+
+
+def _replay_setup_context(ctx, inputs, output):
+    ctx.p = inputs[2]
+    ctx.save_for_backward(inputs[1])
+
+
+def _replay_backward(ctx, grad_output):
+    (rng_state,) = ctx.saved_tensors
+    return dropout_replay_op(grad_output, rng_state, ctx.p), None, None
+
+
+torch.library.register_autograd(
+    "fused_dropout::dropout_replay", _replay_backward, setup_context=_replay_setup_context
+)
+
+
+class _DropoutInplace(torch.autograd.Function):
+    """In-place dropout under autograd. Registered autograd formulas cannot describe a
+    mutating op, so this thin Function marks the input dirty and saves only rng_state."""
+
+    @staticmethod
+    def forward(ctx, input, p, seed, offset, generator):
+        rng_state = dropout_inplace_op(input, p, seed, offset, generator)
+        ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(rng_state)
+        ctx.p = p
+        ctx.save_for_backward(rng_state)
+        return input, rng_state
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_rng_state):
+        (rng_state,) = ctx.saved_tensors
+        return dropout_replay_op(grad_output, rng_state, ctx.p), None, None, None, None
+
+
+def dropout_inplace(input, p, seed=None, offset=0, generator=None):
+    """In-place dropout that autograd can differentiate; returns ``(input, rng_state)``."""
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _DropoutInplace.apply(input, p, seed, offset, generator)
+    return input, dropout_inplace_op(input, p, seed, offset, generator)

@@ -1,0 +1,106 @@
+"""Functional API, mirroring ``torch.nn.functional.dropout``."""
+import math
+from numbers import Real
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _ops
+
+_U64 = 1 << 64
+
+
+def _check_p(p) -> None:
+    # torch's own words, so a user swapping nn.Dropout sees the message they know.
+    if isinstance(p, bool) or not isinstance(p, Real) or math.isnan(p) or p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _check_u64(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"dropout: {name} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < _U64:
+        raise ValueError(f"dropout: {name} must be in [0, 2**64), got {value}")
+
+
+def _check_randomness(seed, offset, generator) -> None:
+    if seed is not None:
+        _check_u64("seed", seed)
+        _check_u64("offset", offset)
+        if generator is not None:
+            raise ValueError("dropout: pass either seed or generator, not both")
+    elif offset != 0:
+        raise ValueError(f"dropout: offset is only used together with seed, but got offset={offset} and seed=None")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"dropout: generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)``.
+
+    A drop-in for :func:`torch.nn.functional.dropout` that runs as one fused kernel and saves
+    only a 16-byte random state for backward. Which elements are kept is a pure function of
+    (seed, base, logical index, p), see the README's mask rule.
+
+    Args:
+        input (Tensor): float32, float64, float16 or bfloat16, any shape, layout and device
+            (CPU or CUDA). The output keeps its memory format.
+        p (float): probability of an element to be zeroed. Default: 0.5
+        training (bool): apply dropout if ``True``; otherwise return ``input``. Default: ``True``
+        inplace (bool): overwrite ``input``. Default: ``False``
+        generator (torch.Generator, optional): draw the random state from this generator
+            (of the input's device) instead of the device's default generator.
+        seed (int, optional): an explicit seed in ``[0, 2**64)``; the same ``seed`` and
+            ``offset`` give the same mask on CPU and CUDA. Excludes ``generator``.
+        offset (int): the Philox counter base used with ``seed``. Default: 0
+
+    Returns:
+        Tensor of the input's shape, dtype, device and memory format. Dropped elements are
+        exactly ``+0.0``, also where the input is NaN or infinite.
+    """
+    _check_p(p)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
+    _check_randomness(seed, offset, generator)
+    if not training or p == 0:
+        return input
+    if inplace:
+        return _ops.dropout_inplace(input, p, seed, offset, generator)[0]
+    return _ops.dropout_op(input, p, seed, offset, generator)[0]
+
+
+def keep_mask(
+    shape: Union[int, Sequence[int], torch.Size],
+    p: float,
+    *,
+    seed: int,
+    offset: int = 0,
+    device: Union[str, torch.device] = "cpu",
+) -> torch.Tensor:
+    """The boolean keep-mask that :func:`dropout` with this ``seed`` and ``offset`` applies.
+
+    For debugging and tests; training never materialises it.
+
+    Args:
+        shape: the shape of the tensor dropout is applied to.
+        p (float): drop probability.
+        seed (int): the seed, in ``[0, 2**64)``.
+        offset (int): the Philox counter base. Default: 0
+        device: where to compute it. Default: ``"cpu"``
+
+    Returns:
+        A bool tensor of ``shape``: ``True`` where the element is kept.
+    """
+    _check_p(p)
+    _check_randomness(seed, offset, None)
+    ones = torch.ones(shape, dtype=torch.float32, device=device)
+    return _ops.dropout_op(ones, p, seed, offset)[0] != 0
