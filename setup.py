@@ -75,6 +75,9 @@ def extensions():
         str(p.relative_to(ROOT)) for p in CSRC.glob("cpu/*.cpp")
     )
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    # at::parallel_for is a header template over OpenMP: without -fopenmp it runs serially.
+    cxx_flags += ["-fopenmp"]
+    link_flags = ["-fopenmp"]
     # The C++ standard is left to torch.utils.cpp_extension: it matches the installed torch.
     include_dirs = [str(CSRC)]
 
@@ -101,6 +104,7 @@ def extensions():
             include_dirs=include_dirs,
             define_macros=[("FUSED_DROPOUT_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         print("fused_dropout setup: building CPU kernels only (%s)" % reason, flush=True)
@@ -109,6 +113,7 @@ def extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [ext]
 

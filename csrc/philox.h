@@ -27,22 +27,29 @@ constexpr uint32_t kMul0 = 0xD2511F53u;
 constexpr uint32_t kMul1 = 0xCD9E8D57u;
 constexpr uint32_t kWeyl0 = 0x9E3779B9u;
 constexpr uint32_t kWeyl1 = 0xBB67AE85u;
-
-C10_HOST_DEVICE C10_ALWAYS_INLINE void mul_hi_lo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
-  hi = __umulhi(a, b);
-  lo = a * b;
-#else
-  const uint64_t product = static_cast<uint64_t>(a) * b;
-  hi = static_cast<uint32_t>(product >> 32);
-  lo = static_cast<uint32_t>(product);
-#endif
-}
 }  // namespace philox_detail
 
-// The standard Random123 Philox4x32 with 10 rounds, on a full 128-bit counter.
-C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords philox4x32_10(
-    uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+// How one lane word is multiplied: the only operation of a Philox round that differs
+// between a scalar and a SIMD word (the others are ^ and +, which both support). The CPU
+// kernel's AVX-512 policy (cpu/philox_avx512.cpp) runs the same rounds on 16 lanes.
+struct ScalarLanes {
+  using word = uint32_t;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static void mul_hi_lo(uint32_t m, uint32_t a, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+    hi = __umulhi(m, a);
+    lo = m * a;
+#else
+    const uint64_t product = static_cast<uint64_t>(m) * a;
+    hi = static_cast<uint32_t>(product >> 32);
+    lo = static_cast<uint32_t>(product);
+#endif
+  }
+};
+
+// The ten rounds of the standard Random123 Philox4x32-10, in place on the counter words.
+template <typename Lanes, typename Word = typename Lanes::word>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void philox4x32_10_rounds(Word& c0, Word& c1, Word& c2, Word& c3, uint32_t k0,
+                                                            uint32_t k1) {
   using namespace philox_detail;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -52,16 +59,20 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords philox4x32_10(
       k0 += kWeyl0;
       k1 += kWeyl1;
     }
-    uint32_t hi0, lo0, hi1, lo1;
-    mul_hi_lo(kMul0, c0, hi0, lo0);
-    mul_hi_lo(kMul1, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
+    Word hi0, lo0, hi1, lo1;
+    Lanes::mul_hi_lo(kMul0, c0, hi0, lo0);
+    Lanes::mul_hi_lo(kMul1, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c2 = hi0 ^ c3 ^ k1;
     c1 = lo1;
-    c2 = n2;
     c3 = lo0;
   }
+}
+
+// Philox4x32-10 of one full 128-bit counter.
+C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords philox4x32_10(
+    uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  philox4x32_10_rounds<ScalarLanes>(c0, c1, c2, c3, k0, k1);
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
@@ -74,14 +85,25 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords mask_words(uint64_t seed, uint64_t
 }
 
 // t = round((1 - p) * 2^32) lies in [0, 2^32]: p = 0 must keep every word (t = 2^32) and
-// p = 1 must keep none (t = 0), so t needs 33 bits and the comparison is done in 64 bits.
+// p = 1 must keep none (t = 0), so t needs 33 bits.
 inline uint64_t keep_threshold(double p_drop) {
   return static_cast<uint64_t>(std::nearbyint((1.0 - p_drop) * 4294967296.0));
 }
 
-C10_HOST_DEVICE C10_ALWAYS_INLINE bool keep(uint32_t word, uint64_t threshold) {
-  return static_cast<uint64_t>(word) < threshold;
-}
+// keep(r) = r < t, evaluated in 32-bit arithmetic: r < t  <=>  t > 0 and r <= t - 1. Kernels
+// use this form because 32-bit compares vectorise everywhere and 64-bit ones do not.
+struct KeepRule {
+  uint32_t max_kept_word;
+  uint32_t keeps_any;  // 1 unless t = 0 (p = 1)
+
+  static KeepRule for_p(double p_drop) {
+    const uint64_t t = keep_threshold(p_drop);
+    return KeepRule{t == 0 ? 0u : static_cast<uint32_t>(t - 1), t != 0 ? 1u : 0u};
+  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool operator()(uint32_t word) const {
+    return (keeps_any & static_cast<uint32_t>(word <= max_kept_word)) != 0;
+  }
+};
 
 // Counter values one call consumes: one Philox block serves four mask elements.
 inline uint64_t counters_for(int64_t mask_numel) {

@@ -5,6 +5,8 @@ CUDA kernel; backward regenerates the mask from a 16-byte ``rng_state`` instead 
 it. The mask is a pure function of (seed, base, logical index, p), so the same seed gives
 the same mask on every device, dtype and memory layout.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C
 from ._ops import philox4x32_10
 from .functional import dropout, keep_mask

@@ -7,27 +7,20 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include "../dropout.h"
+#include "mask_words.h"
 
 namespace fused_dropout {
-namespace {
 
-// Philox groups per batch: 1024 elements' worth of words, 4 KiB on the stack.
-constexpr int64_t kBatchGroups = 256;
-// Groups per parallel task: big enough to amortise thread start-up.
-constexpr int64_t kGrainGroups = 8192;
-
-// Fills words[4*g + j] = word j of group (first_group + g). The loop body is the shared
-// scalar Philox; the compiler vectorises it across groups, and target_clones picks the
-// widest instruction set the running CPU has (AVX-512, AVX2 or baseline SSE2).
+// The loop body is the shared scalar Philox; the compiler vectorises it across groups for
+// the widest instruction set target_clones finds on the running CPU.
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("avx2", "default")))
 #endif
 void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words) {
   for (int64_t g = 0; g < groups; ++g) {
@@ -39,20 +32,26 @@ void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t
   }
 }
 
+namespace {
+
+using FillWords = void (*)(uint64_t, uint64_t, uint64_t, int64_t, uint32_t*);
+
+// Picked once per process from what the CPU supports.
+FillWords pick_fill_words() {
+#ifdef FUSED_DROPOUT_AVX512_WORDS
+  if (__builtin_cpu_supports("avx512f")) return &fill_mask_words_avx512;
+#endif
+  return &fill_mask_words;
+}
+
+// Philox groups per batch: 1024 elements' worth of words, 4 KiB on the stack.
+constexpr int64_t kBatchGroups = 256;
+// Groups per parallel task: big enough to amortise thread start-up.
+constexpr int64_t kGrainGroups = 8192;
+
 struct RngState {
   uint64_t seed;
   uint64_t base;
-};
-
-template <typename scalar_t>
-struct KeepScale {
-  using acc_t = at::opmath_type<scalar_t>;
-  uint64_t threshold;
-  acc_t scale;
-  // Select, not multiply: a dropped element is +0.0 even when the input is NaN or inf.
-  C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
-    return keep(word, threshold) ? static_cast<scalar_t>(static_cast<acc_t>(x) * scale) : scalar_t(0);
-  }
 };
 
 // Row-major walk over a tensor's logical indices that tracks the memory offsets of the
@@ -92,19 +91,20 @@ template <typename scalar_t>
 void apply_mask(const at::Tensor& input, at::Tensor& output, RngState state, double p_drop) {
   const int64_t numel = input.numel();
   if (numel == 0) return;
-  const KeepScale<scalar_t> op{keep_threshold(p_drop), static_cast<typename KeepScale<scalar_t>::acc_t>(keep_scale(p_drop))};
+  const auto op = MaskedScale<scalar_t>::for_p(p_drop);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const bool row_major = input.is_contiguous() && output.is_contiguous();
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
 
+  static const FillWords fill_words = pick_fill_words();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
     StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data()};
     if (!row_major) walk.seek(group_begin * 4);
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
-      fill_mask_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
+      fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
       const int64_t first = g * 4;
       const int64_t count = std::min(batch * 4, numel - first);
       if (row_major) {

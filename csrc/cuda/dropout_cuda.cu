@@ -4,7 +4,6 @@
 #include <mutex>
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
@@ -47,17 +46,6 @@ __device__ __forceinline__ void resolve_state(const StateSource& src, uint64_t& 
   }
 }
 
-template <typename scalar_t>
-struct KeepScale {
-  using acc_t = at::opmath_type<scalar_t>;
-  uint64_t threshold;
-  acc_t scale;
-  // Select, not multiply: a dropped element is +0.0 even when the input is NaN or inf.
-  __device__ __forceinline__ scalar_t operator()(scalar_t x, uint32_t word) const {
-    return keep(word, threshold) ? static_cast<scalar_t>(static_cast<acc_t>(x) * scale) : scalar_t(0);
-  }
-};
-
 // Elements one thread handles per step: a multiple of 4 (whole Philox groups) that is also
 // at least 16 bytes, so an aligned step is one or two 16-byte loads and stores.
 template <typename scalar_t>
@@ -73,7 +61,7 @@ struct alignas(sizeof(scalar_t) * N) Vec {
 // Row-major input and output: the logical index is the memory index.
 template <typename scalar_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads) dropout_contiguous_kernel(
-    const scalar_t* in, scalar_t* out, int64_t numel, StateSource src, KeepScale<scalar_t> op) {
+    const scalar_t* in, scalar_t* out, int64_t numel, StateSource src, MaskedScale<scalar_t> op) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
@@ -118,7 +106,7 @@ struct StridedLayout {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
-    const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, KeepScale<scalar_t> op) {
+    const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, MaskedScale<scalar_t> op) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t groups = (numel + 3) / 4;
@@ -153,8 +141,7 @@ int grid_for(int64_t work_items) {
 template <typename scalar_t>
 void launch(const at::Tensor& input, at::Tensor& output, const StateSource& src, double p_drop) {
   const int64_t numel = input.numel();
-  const KeepScale<scalar_t> op{keep_threshold(p_drop),
-                               static_cast<typename KeepScale<scalar_t>::acc_t>(keep_scale(p_drop))};
+  const auto op = MaskedScale<scalar_t>::for_p(p_drop);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
