@@ -1,0 +1,14 @@
+"""Parameters and inputs shared by the tests."""
+import pytest
+import torch
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def random_input(shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
+    """Fresh normal values with no exact zeros, so a dropped element is always visible."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    x[x == 0] = 1
+    return x.to(device)

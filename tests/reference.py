@@ -1,0 +1,69 @@
+"""A NumPy reference of the mask rule, written independently of the C++ code.
+
+    r(i) = word (i mod 4) of Philox4x32-10(counter = (lo32(base + i div 4), hi32(base + i div 4), 0, 0),
+                                            key     = (lo32(seed), hi32(seed)))
+    keep(i) = r(i) < t,  t = round((1 - p) * 2^32)
+
+Every kernel is compared with it bit for bit.
+"""
+import numpy as np
+import torch
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_SHIFT32 = np.uint64(32)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on arrays of 32-bit words held in uint64; returns four uint64 arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in (c0, c1, c2, c3))
+    k0, k1 = np.asarray(k0, dtype=np.uint64), np.asarray(k1, dtype=np.uint64)
+    for round_index in range(10):
+        if round_index:
+            k0 = (k0 + _W0) & _MASK32
+            k1 = (k1 + _W1) & _MASK32
+        product0 = _M0 * c0  # < 2^64: both factors are below 2^32
+        product1 = _M1 * c2
+        c0, c1, c2, c3 = (
+            (product1 >> _SHIFT32) ^ c1 ^ k0,
+            product1 & _MASK32,
+            (product0 >> _SHIFT32) ^ c3 ^ k1,
+            product0 & _MASK32,
+        )
+    return c0, c1, c2, c3
+
+
+def mask_words(numel: int, seed: int, base: int) -> np.ndarray:
+    """r(i) for i in [0, numel), as uint64."""
+    groups = (numel + 3) // 4
+    with np.errstate(over="ignore"):
+        counter = np.uint64(base % 2**64) + np.arange(groups, dtype=np.uint64)  # wraps mod 2^64
+    seed = seed % 2**64
+    words = philox4x32_10(
+        counter & _MASK32, counter >> _SHIFT32, 0, 0, np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    )
+    return np.stack(words, axis=1).reshape(-1)[:numel]
+
+
+def threshold(p: float) -> int:
+    return int(np.rint((1.0 - p) * 4294967296.0))
+
+
+def keep_mask(shape, p: float, seed: int, base: int = 0) -> np.ndarray:
+    """The boolean mask of the rule, in logical row-major order, shaped like ``shape``."""
+    shape = tuple(shape)
+    numel = int(np.prod(shape, dtype=np.int64))
+    return (mask_words(numel, seed, base) < np.uint64(threshold(p))).reshape(shape)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, base: int = 0) -> torch.Tensor:
+    """The expected output: kept elements cast(acc(x) * scale), dropped ones +0.0.
+
+    Computed with NumPy's mask and torch's elementwise ops on a CPU copy, not with the
+    extension's kernels."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=torch.float64).to(acc)
+    keep = torch.from_numpy(keep_mask(x.shape, p, seed, base))
+    scaled = (x.detach().cpu().to(acc) * scale).to(x.dtype)
+    return torch.where(keep, scaled, torch.zeros((), dtype=x.dtype))

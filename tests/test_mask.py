@@ -1,0 +1,143 @@
+"""Every kernel against the NumPy reference of the mask rule, bit for bit."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fused_dropout
+import reference
+from helpers import DEVICES, DTYPES, random_input
+
+SHAPES = [(), (1,), (3,), (4,), (5,), (17,), (4097,), (7, 11), (31, 37), (2, 3, 5, 7), (0,), (3, 0, 2)]
+# (p, seed, offset): seeds over the full unsigned 64-bit range; offsets that make the 64-bit
+# counter carry into its high word, and wrap modulo 2^64, inside one call.
+RANDOMNESS = [
+    (0.5, 0, 0),
+    (0.1, 1, 7),
+    (0.9, 2**63 + 5, 2**32 - 3),
+    (1 / 3, 2**64 - 1, 2**64 - 2),
+]
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    actual, expected = actual.cpu(), expected.cpu()
+    assert torch.equal(actual, expected), "outputs differ from the reference"
+    # torch.equal takes -0.0 for +0.0; the signs of zeros must match too.
+    zeros = expected == 0
+    assert torch.equal(torch.signbit(actual[zeros]), torch.signbit(expected[zeros]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p,seed,offset", RANDOMNESS)
+def test_output_matches_reference(device, dtype, shape, p, seed, offset):
+    x = random_input(shape, dtype, device, seed=len(shape))
+    y = fused_dropout.dropout(x, p, seed=seed, offset=offset)
+    assert_bitwise_equal(y, reference.dropout(x, p, seed, offset))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("numel", [16 * 4 * 3 + 5, 1024 * 9 + 1, 4 * 8192 * 3 + 13, 2**20 + 3])
+def test_long_tensors_cross_batch_vector_and_thread_boundaries(device, numel):
+    # 16 groups per AVX-512 step, 256 per batch, 8192 per parallel task on CPU; grid-stride
+    # loops and a partial last vector on CUDA.
+    x = random_input((numel,), torch.float32, device, seed=numel)
+    for seed, offset in [(99, 0), (5, 2**32 - 100)]:
+        y = fused_dropout.dropout(x, 0.25, seed=seed, offset=offset)
+        assert_bitwise_equal(y, reference.dropout(x, 0.25, seed, offset))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.5, 1 - 1e-9, 1.0, 0.2, 0.7])
+def test_keep_mask_matches_reference(device, p):
+    shape = (13, 29)
+    np.testing.assert_array_equal(
+        fused_dropout.keep_mask(shape, p, seed=42, offset=3, device=device).cpu().numpy(),
+        reference.keep_mask(shape, p, 42, 3),
+    )
+
+
+def test_threshold_is_rounded_and_compared_in_64_bits():
+    # p = 0 keeps every word, including 0xFFFFFFFF; p = 1 keeps none, including 0.
+    assert reference.threshold(0.0) == 2**32 and reference.threshold(1.0) == 0
+    assert fused_dropout.keep_mask((4096,), 0.0, seed=3).all()
+    assert not fused_dropout.keep_mask((4096,), 1.0, seed=3).any()
+
+
+def layouts(device):
+    base = random_input((4, 6, 5, 8), torch.float32, device, seed=7)
+    return {
+        "permuted": base.permute(2, 0, 3, 1),
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "sliced": base[:, ::2, 1:, ::3],
+        "transposed_2d": base.reshape(24, 40).t(),
+        "expanded": random_input((1, 6, 1, 8), torch.float32, device).expand(4, 6, 5, 8),
+        "misaligned": base.reshape(-1)[1:],  # contiguous, but not 16-byte aligned
+        "offset_view": base.reshape(-1)[3:].reshape(-1, 11)[:, 1:9],
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "layout", ["permuted", "channels_last", "sliced", "transposed_2d", "expanded", "misaligned", "offset_view"]
+)
+def test_mask_follows_logical_index_in_every_layout(device, layout):
+    x = layouts(device)[layout]
+    y = fused_dropout.dropout(x, 0.4, seed=11, offset=5)
+    assert_bitwise_equal(y, reference.dropout(x, 0.4, 11, 5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_keeps_memory_format(device):
+    x = random_input((2, 3, 4, 5), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    y = fused_dropout.dropout(x, 0.5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    permuted = random_input((3, 4, 5), torch.float32, device).permute(2, 0, 1)
+    assert fused_dropout.dropout(permuted, 0.5).stride() == permuted.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["permuted", "channels_last", "sliced", "misaligned", "offset_view"])
+def test_inplace_matches_out_of_place_and_leaves_the_rest_alone(device, layout):
+    x = layouts(device)[layout]
+    expected = reference.dropout(x, 0.3, 8, 0)
+    base = x._base if x._base is not None else x
+    base_before = base.clone()
+    out = fused_dropout.dropout(x, 0.3, inplace=True, seed=8)
+    assert out.data_ptr() == x.data_ptr()
+    assert_bitwise_equal(x, expected)
+    # Elements of the base tensor outside the view are untouched.
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    view_of_mask = untouched.as_strided(x.shape, x.stride(), x.storage_offset() - base.storage_offset())
+    view_of_mask.fill_(False)
+    assert torch.equal(base[untouched], base_before[untouched])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropped_nan_and_inf_become_positive_zero(device, dtype):
+    x = torch.tensor([math.nan, math.inf, -math.inf, -0.0, -1.0] * 40, dtype=dtype, device=device)
+    y = fused_dropout.dropout(x, 0.5, seed=1)
+    keep = torch.from_numpy(reference.keep_mask(x.shape, 0.5, 1)).to(device)
+    assert keep.any() and not keep.all()
+    dropped = y[~keep]
+    assert torch.equal(dropped, torch.zeros_like(dropped)) and not torch.signbit(dropped).any()
+    kept_expected = (x.to(torch.float64) * 2).to(dtype)[keep]
+    torch.testing.assert_close(y[keep], kept_expected, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
+    x = random_input((8, 16, 7, 9), dtype, "cpu", seed=3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "misaligned":
+        x = x.reshape(-1)[1:]
+    y_cpu = fused_dropout.dropout(x, 0.37, seed=2024, offset=9)
+    y_cuda = fused_dropout.dropout(x.cuda(), 0.37, seed=2024, offset=9)
+    assert torch.equal(y_cpu, y_cuda.cpu())
