@@ -34,16 +34,17 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-def mask_words(numel: int, seed: int, base: int) -> np.ndarray:
-    """r(i) for i in [0, numel), as uint64."""
-    groups = (numel + 3) // 4
-    with np.errstate(over="ignore"):
-        counter = np.uint64(base % 2**64) + np.arange(groups, dtype=np.uint64)  # wraps mod 2^64
+def mask_words(start: int, stop: int, seed: int, base: int) -> np.ndarray:
+    """r(i) for i in [start, stop), as uint64."""
+    first_group, end_group = start // 4, (stop + 3) // 4
+    with np.errstate(over="ignore"):  # the counter wraps modulo 2^64
+        counter = np.uint64((base + first_group) % 2**64) + np.arange(end_group - first_group, dtype=np.uint64)
     seed = seed % 2**64
     words = philox4x32_10(
         counter & _MASK32, counter >> _SHIFT32, 0, 0, np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
     )
-    return np.stack(words, axis=1).reshape(-1)[:numel]
+    flat = np.stack(words, axis=1).reshape(-1)
+    return flat[start - 4 * first_group : stop - 4 * first_group]
 
 
 def threshold(p: float) -> int:
@@ -54,7 +55,12 @@ def keep_mask(shape, p: float, seed: int, base: int = 0) -> np.ndarray:
     """The boolean mask of the rule, in logical row-major order, shaped like ``shape``."""
     shape = tuple(shape)
     numel = int(np.prod(shape, dtype=np.int64))
-    return (mask_words(numel, seed, base) < np.uint64(threshold(p))).reshape(shape)
+    return keep_range(0, numel, p, seed, base).reshape(shape)
+
+
+def keep_range(start: int, stop: int, p: float, seed: int, base: int = 0) -> np.ndarray:
+    """keep(i) for the logical indices i in [start, stop)."""
+    return mask_words(start, stop, seed, base) < np.uint64(threshold(p))
 
 
 def dropout(x: torch.Tensor, p: float, seed: int, base: int = 0) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""CUDA-only behaviour: graph capture and 64-bit indexing."""
+import pytest
+import torch
+
+import fused_dropout
+import reference
+from helpers import random_input
+
+pytestmark = pytest.mark.cuda
+
+
+def test_cuda_graph_replays_draw_fresh_masks_and_backward_matches():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), fused_dropout.FusedDropout(0.5)).cuda()
+    static_x = torch.randn(32, 64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up outside the graph
+            model(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+        static_y.backward(torch.ones_like(static_y))
+    masks, grads = [], []
+    for _ in range(4):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append(static_y != 0)
+        grads.append(model[0].bias.grad.clone())
+    assert all(not torch.equal(masks[0], m) for m in masks[1:])
+    for mask, grad in zip(masks, grads):
+        # d(sum y)/d(bias) = sum over the batch of mask * 2: backward used the replay's mask.
+        torch.testing.assert_close(grad, (mask.float() * 2).sum(0), rtol=0, atol=0)
+
+
+def test_make_graphed_callables():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), fused_dropout.FusedDropout(0.5)).cuda()
+    x = torch.randn(8, 16, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(model, (x,))
+    outs = [graphed(x) for _ in range(3)]
+    assert not torch.equal(outs[0] != 0, outs[1] != 0)
+
+
+def test_successive_cuda_calls_use_disjoint_counters():
+    x = torch.ones(1001, device="cuda")
+    _, first = fused_dropout._ops.dropout_op(x, 0.5)
+    _, second = fused_dropout._ops.dropout_op(x, 0.5)
+    assert first[0] == second[0] and second[1] - first[1] >= (1001 + 3) // 4
+
+
+@pytest.mark.slow
+def test_more_than_two_to_the_31_elements():
+    numel = 2**31 + 4099
+    x = torch.ones(numel, dtype=torch.float16, device="cuda")
+    y = fused_dropout.dropout(x, 0.5, seed=77)
+    for start in [0, 2**31 - 5000, numel - 10_000]:  # both sides of 2^31, and the tail
+        stop = start + 10_000
+        expected = torch.from_numpy(reference.keep_range(start, stop, 0.5, 77))
+        assert torch.equal((y[start:stop] != 0).cpu(), expected)
