@@ -1,5 +1,8 @@
 """Every kernel against the NumPy reference of the mask rule, bit for bit."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -141,3 +144,19 @@ def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
     y_cpu = fused_dropout.dropout(x, 0.37, seed=2024, offset=9)
     y_cuda = fused_dropout.dropout(x.cuda(), 0.37, seed=2024, offset=9)
     assert torch.equal(y_cpu, y_cuda.cpu())
+
+
+@pytest.mark.parametrize("disable_avx512", ["0", "1"])
+def test_cpu_word_generators_agree_with_reference(disable_avx512):
+    # The CPU kernel picks AVX-512 lanes where the CPU has them, else a portable loop; run
+    # each in a fresh process, since the choice is made once per process.
+    script = (
+        "import torch, fused_dropout, sys\n"
+        "x = torch.ones(4 * 8192 * 2 + 77)\n"
+        "y = fused_dropout.dropout(x, 0.5, seed=2**63 + 1, offset=2**32 - 40)\n"
+        "sys.stdout.write(''.join('1' if v else '0' for v in (y != 0).tolist()))\n"
+    )
+    env = dict(os.environ, FUSED_DROPOUT_DISABLE_AVX512=disable_avx512)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    expected = reference.keep_range(0, 4 * 8192 * 2 + 77, 0.5, 2**63 + 1, 2**32 - 40)
+    assert result.stdout == "".join("1" if v else "0" for v in expected)

@@ -1,7 +1,9 @@
 // CPU kernels: one pass over memory, parallel over chunks of whole Philox groups, random
 // words generated in small batches that stay in L1 (never a materialised mask).
 #include <array>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <mutex>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -36,10 +38,13 @@ namespace {
 
 using FillWords = void (*)(uint64_t, uint64_t, uint64_t, int64_t, uint32_t*);
 
-// Picked once per process from what the CPU supports.
+// Picked once per process from what the CPU supports. FUSED_DROPOUT_DISABLE_AVX512=1 forces
+// the portable version (the tests use it to check both produce the same words).
 FillWords pick_fill_words() {
 #ifdef FUSED_DROPOUT_AVX512_WORDS
-  if (__builtin_cpu_supports("avx512f")) return &fill_mask_words_avx512;
+  const char* disable = std::getenv("FUSED_DROPOUT_DISABLE_AVX512");
+  const bool disabled = disable != nullptr && std::string(disable) == "1";
+  if (!disabled && __builtin_cpu_supports("avx512f")) return &fill_mask_words_avx512;
 #endif
   return &fill_mask_words;
 }
