@@ -1,4 +1,5 @@
-// Philox4x32-10 and the dropout mask rule, shared by the CPU and CUDA kernels.
+// Philox4x32-10, the dropout mask rule and the output rule, shared by the CPU and CUDA
+// kernels. Free of ATen so that the CPU's AVX-512 file can include it alone.
 //
 // The contract (README, "The mask rule"): for random state (seed, base) and drop
 // probability p, the element with logical row-major index i of the mask shape is kept iff
@@ -13,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 
@@ -102,6 +105,32 @@ struct KeepRule {
   }
   C10_HOST_DEVICE C10_ALWAYS_INLINE bool operator()(uint32_t word) const {
     return (keeps_any & static_cast<uint32_t>(word <= max_kept_word)) != 0;
+  }
+};
+
+// The output rule: a kept element is cast(acc(x) * scale), a dropped one is exactly +0.0,
+// also when x is NaN or inf. The select is done on the bits (AND with an all-ones or
+// all-zeros mask) rather than with a branch, so the CPU loops vectorise.
+template <typename scalar_t, typename acc_t>
+struct MaskedScale {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
+  KeepRule keep;
+  acc_t scale;
+
+  // scale = 1 / (1 - p), computed in double and held in the accumulation type.
+  static MaskedScale for_p(double p_drop) {
+    return MaskedScale{KeepRule::for_p(p_drop), static_cast<acc_t>(p_drop < 1.0 ? 1.0 / (1.0 - p_drop) : 0.0)};
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
+    const scalar_t scaled = static_cast<scalar_t>(static_cast<acc_t>(x) * scale);
+    bits_t bits;
+    std::memcpy(&bits, &scaled, sizeof(bits));
+    bits &= static_cast<bits_t>(bits_t(0) - static_cast<bits_t>(keep(word)));
+    scalar_t out;
+    std::memcpy(&out, &bits, sizeof(bits));
+    return out;
   }
 };
 

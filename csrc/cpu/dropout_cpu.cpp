@@ -15,7 +15,7 @@
 #include <torch/library.h>
 
 #include "../dropout.h"
-#include "mask_words.h"
+#include "simd.h"
 
 namespace fused_dropout {
 
@@ -36,23 +36,33 @@ void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t
 
 namespace {
 
-using FillWords = void (*)(uint64_t, uint64_t, uint64_t, int64_t, uint32_t*);
-
-// Picked once per process from what the CPU supports. FUSED_DROPOUT_DISABLE_AVX512=1 forces
-// the portable version (the tests use it to check both produce the same words).
-FillWords pick_fill_words() {
-#ifdef FUSED_DROPOUT_AVX512_WORDS
-  const char* disable = std::getenv("FUSED_DROPOUT_DISABLE_AVX512");
-  const bool disabled = disable != nullptr && std::string(disable) == "1";
-  if (!disabled && __builtin_cpu_supports("avx512f")) return &fill_mask_words_avx512;
-#endif
-  return &fill_mask_words;
-}
-
 // Philox groups per batch: 1024 elements' worth of words, 4 KiB on the stack.
 constexpr int64_t kBatchGroups = 256;
 // Groups per parallel task: big enough to amortise thread start-up.
 constexpr int64_t kGrainGroups = 8192;
+
+// The inner loops, picked once per process from what the CPU supports.
+// FUSED_DROPOUT_DISABLE_AVX512=1 forces the portable ones (the tests check both).
+struct InnerLoops {
+  FillWordsFn fill_words = &fill_mask_words;
+  ApplyFloatFn apply_float = nullptr;  // nullptr: the generic loop
+
+  static const InnerLoops& get() {
+    static const InnerLoops loops = [] {
+      InnerLoops picked;
+#ifdef FUSED_DROPOUT_HAVE_AVX512
+      const char* disable = std::getenv("FUSED_DROPOUT_DISABLE_AVX512");
+      const bool disabled = disable != nullptr && std::string(disable) == "1";
+      if (!disabled && __builtin_cpu_supports("avx512f")) {
+        picked.fill_words = &fill_mask_words_avx512;
+        picked.apply_float = &apply_float_avx512;
+      }
+#endif
+      return picked;
+    }();
+    return loops;
+  }
+};
 
 struct RngState {
   uint64_t seed;
@@ -96,25 +106,31 @@ template <typename scalar_t>
 void apply_mask(const at::Tensor& input, at::Tensor& output, RngState state, double p_drop) {
   const int64_t numel = input.numel();
   if (numel == 0) return;
-  const auto op = MaskedScale<scalar_t>::for_p(p_drop);
+  const auto op = OutputRule<scalar_t>::for_p(p_drop);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const bool row_major = input.is_contiguous() && output.is_contiguous();
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
 
-  static const FillWords fill_words = pick_fill_words();
+  const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
     StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data()};
     if (!row_major) walk.seek(group_begin * 4);
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
-      fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
+      loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
       const int64_t first = g * 4;
       const int64_t count = std::min(batch * 4, numel - first);
       if (row_major) {
         const scalar_t* x = in + first;
         scalar_t* y = out + first;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (loops.apply_float != nullptr) {
+            loops.apply_float(x, y, words, count, op);
+            continue;
+          }
+        }
         for (int64_t i = 0; i < count; ++i) y[i] = op(x[i], words[i]);
       } else {
         for (int64_t i = 0; i < count; ++i) {

@@ -61,7 +61,7 @@ struct alignas(sizeof(scalar_t) * N) Vec {
 // Row-major input and output: the logical index is the memory index.
 template <typename scalar_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads) dropout_contiguous_kernel(
-    const scalar_t* in, scalar_t* out, int64_t numel, StateSource src, MaskedScale<scalar_t> op) {
+    const scalar_t* in, scalar_t* out, int64_t numel, StateSource src, OutputRule<scalar_t> op) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
@@ -106,7 +106,7 @@ struct StridedLayout {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
-    const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, MaskedScale<scalar_t> op) {
+    const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, OutputRule<scalar_t> op) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t groups = (numel + 3) / 4;
@@ -141,7 +141,7 @@ int grid_for(int64_t work_items) {
 template <typename scalar_t>
 void launch(const at::Tensor& input, at::Tensor& output, const StateSource& src, double p_drop) {
   const int64_t numel = input.numel();
-  const auto op = MaskedScale<scalar_t>::for_p(p_drop);
+  const auto op = OutputRule<scalar_t>::for_p(p_drop);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -1,16 +1,21 @@
-// The CPU kernel's random words, 16 Philox lanes per AVX-512 register: the same rounds as
-// the scalar Philox (philox4x32_10_rounds), with a lane policy whose 32x32->64 multiply is
-// two vpmuludq. About 3x the throughput of the auto-vectorised scalar loop, which cannot
-// express that multiply. This file is compiled for AVX-512F as a whole and holds nothing
-// but these functions, so no AVX-512 code leaks into inline functions other files share;
-// it is only called after a runtime CPU check.
-#include "mask_words.h"
-
-#ifdef FUSED_DROPOUT_AVX512_WORDS
+// AVX-512 versions of the CPU kernel's inner loops.
+//
+// Random words: 16 Philox lanes per register, through the same rounds as the scalar Philox
+// (philox4x32_10_rounds) with a lane policy whose 32x32->64 multiply is two vpmuludq: about
+// 3x the throughput of the auto-vectorised scalar loop, which cannot express that multiply.
+// Output: the shared output rule for float32, vectorised 16 wide.
+//
+// The whole file is compiled for AVX-512F and includes nothing but philox.h (no ATen), so
+// no AVX-512 code can end up in an inline function or static initialiser that other files
+// share; its functions are only called after a run-time CPU check.
+#if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f")
 #include <immintrin.h>
+#endif
 
-#include "../philox.h"
+#include "simd.h"
+
+#ifdef FUSED_DROPOUT_HAVE_AVX512
 
 namespace fused_dropout {
 namespace {
@@ -85,6 +90,11 @@ void fill_mask_words_avx512(uint64_t seed, uint64_t base, uint64_t first_group, 
   }
 }
 
+void apply_float_avx512(const float* x, float* y, const uint32_t* words, int64_t count,
+                        const MaskedScale<float, float>& rule) {
+  for (int64_t i = 0; i < count; ++i) y[i] = rule(x[i], words[i]);
+}
+
 }  // namespace fused_dropout
 
-#endif  // FUSED_DROPOUT_AVX512_WORDS
+#endif  // FUSED_DROPOUT_HAVE_AVX512

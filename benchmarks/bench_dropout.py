@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""Dropout throughput: fused_dropout against torch.nn.functional.dropout (eager and
+torch.compile'd) and the copy ceiling, side by side in one run on one device.
+
+For each dtype and size it times forward, backward and forward+backward with CUDA events
+(or a host clock on CPU, where the work is synchronous) after warm-up, takes the median of
+many runs, and rotates through several inputs so that caches do not flatter small sizes.
+GB/s counts the bytes dropout must move: the input read and the output written per pass
+(forward: x -> y; backward: grad_y -> grad_x), for every variant alike, so GB/s ratios are
+time ratios. "copy" is x.clone(): the same read, write and allocation with no dropout.
+
+Writes results.md (the table), results.csv, results.json and gbps.png to --out.
+
+    python benchmarks/bench_dropout.py                  # CUDA when present, else CPU
+    python benchmarks/bench_dropout.py --quick          # a smoke run (CI)
+"""
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_dropout
+from fused_dropout import _ops
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--log2-sizes", type=int, nargs="+", default=None, help="sizes as powers of two")
+    parser.add_argument("--p", type=float, default=0.5)
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd F.dropout")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
+    parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
+    parser.add_argument("--out", default="benchmarks/results/latest", help="output folder")
+    return parser.parse_args(argv)
+
+
+class Timer:
+    """Median seconds of fn() over reps runs after warm-up."""
+
+    def __init__(self, device, reps, warmup):
+        self.device, self.reps, self.warmup = device, reps, warmup
+
+    def __call__(self, fn):
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(self.reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+        else:
+            for _ in range(self.reps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def saved_bytes(fn, x):
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return total
+
+
+def rotation(numel, dtype, device, cache_bytes):
+    """Enough distinct inputs that cycling through them overflows the last-level cache."""
+    bytes_each = numel * torch.tensor([], dtype=dtype).element_size()
+    count = int(min(16, max(2, 3 * cache_bytes // max(bytes_each, 1) + 1)))
+    generator = torch.Generator(device=device).manual_seed(numel)
+    return [torch.randn(numel, device=device, dtype=dtype, generator=generator) for _ in range(count)]
+
+
+def cycle(items):
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return next_item
+
+
+def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
+    inputs = rotation(numel, dtype, device, cache_bytes)
+    leaves = [x.clone().requires_grad_(True) for x in inputs[:2]]
+    grad = torch.randn_like(inputs[0])
+    next_x, next_leaf = cycle(inputs), cycle(leaves)
+    es = inputs[0].element_size()
+    pass_bytes = 2 * numel * es
+    rows = {}
+    copy_time = timer(lambda: next_x().clone())
+    rows["copy"] = {"forward": copy_time}
+    if device.type == "cpu":
+        rows["mul(x, 2.0)"] = {"forward": timer(lambda: torch.mul(next_x(), 2.0))}
+    for name, fn in variants.items():
+        fwd = timer(lambda: fn(next_x()))
+        # Backward alone: the graph is built once per input, then only its backward is timed.
+        graphs = [(leaf, fn(leaf)) for leaf in leaves]
+        next_graph = cycle(graphs)
+
+        def backward():
+            leaf, y = next_graph()
+            return torch.autograd.grad(y, leaf, grad, retain_graph=True)
+
+        bwd = timer(backward)
+
+        def forward_backward():
+            leaf = next_leaf()
+            return torch.autograd.grad(fn(leaf), leaf, grad)
+
+        fwd_bwd = timer(forward_backward)
+        rows[name] = {
+            "forward": fwd,
+            "backward": bwd,
+            "forward+backward": fwd_bwd,
+            "saved_bytes": saved_bytes(fn, leaves[0]),
+        }
+        del graphs
+    results = []
+    for name, times in rows.items():
+        for direction, seconds in times.items():
+            if direction == "saved_bytes":
+                continue
+            counted = pass_bytes * (2 if direction == "forward+backward" else 1)
+            gbps = counted / seconds / 1e9
+            entry = {
+                "dtype": str(dtype).replace("torch.", ""),
+                "numel": numel,
+                "variant": name,
+                "direction": direction,
+                "ms": seconds * 1e3,
+                "GB/s": gbps,
+                "pct_of_copy": 100.0 * gbps / (pass_bytes / copy_time / 1e9),
+                "saved_bytes": times.get("saved_bytes"),
+            }
+            results.append(entry)
+    # Ratios to the PyTorch variants, measured in this same run.
+    for entry in results:
+        for ref in ("F.dropout", "compiled F.dropout"):
+            match = [r for r in results if r["variant"] == ref and r["direction"] == entry["direction"]]
+            if match and entry["variant"] == "fused_dropout":
+                entry[f"speedup_vs_{ref}"] = match[0]["ms"] / entry["ms"]
+    return results
+
+
+def deep_mlp_peak_memory(device, dropout_cls, width=4096, depth=8, batch=8192):
+    """Peak memory of one training step of a deep MLP with dropout after every layer."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU(), dropout_cls(0.1)]
+    model = nn.Sequential(*layers).to(device)
+    x = torch.randn(batch, width, device=device)
+    model(x).sum().backward()  # warm-up: allocator pools, cuBLAS workspaces
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    model(x).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model, x
+    torch.cuda.empty_cache()
+    return peak
+
+
+def describe(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return (f"CPU {platform.processor() or platform.machine()} with {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
+def fmt_size(numel):
+    return f"2^{numel.bit_length() - 1}" if numel & (numel - 1) == 0 else str(numel)
+
+
+def markdown(results, header):
+    lines = [header, "", "| dtype | size | direction | variant | ms | GB/s | % of copy | vs F.dropout | vs compiled | saved bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        vs_eager = r.get("speedup_vs_F.dropout")
+        vs_compiled = r.get("speedup_vs_compiled F.dropout")
+        lines.append(
+            f"| {r['dtype']} | {fmt_size(r['numel'])} | {r['direction']} | {r['variant']} | {r['ms']:.3f} | "
+            f"{r['GB/s']:.1f} | {r['pct_of_copy']:.0f}% | {f'{vs_eager:.2f}x' if vs_eager else ''} | "
+            f"{f'{vs_compiled:.2f}x' if vs_compiled else ''} | {'' if r['saved_bytes'] is None else r['saved_bytes']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in results})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for variant in dict.fromkeys(r["variant"] for r in results):
+            points = [r for r in results if r["dtype"] == dtype and r["variant"] == variant and r["direction"] == "forward"]
+            if points:
+                ax.plot([r["numel"] for r in points], [r["GB/s"] for r in points], marker="o", label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements")
+        ax.set_ylabel("forward GB/s (read + write)")
+        ax.set_title(f"{dtype}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not fused_dropout.has_cuda_kernels():
+        sys.exit("bench_dropout: this build of fused_dropout has no CUDA kernels")
+    cuda = device.type == "cuda"
+    if args.quick:
+        sizes = [2**16, 2**20]
+        dtypes = ["float32"]
+        reps, warmup = args.reps or 5, 2
+    else:
+        sizes = [2**k for k in (args.log2_sizes or (range(16, 29, 2) if cuda else range(16, 25, 2)))]
+        dtypes = args.dtypes or ["float32", "float16", "bfloat16"]
+        reps, warmup = args.reps or (50 if cuda else 11), (10 if cuda else 3)
+    if cuda:
+        free = torch.cuda.mem_get_info()[0]
+        cache_bytes = 50 * 2**20  # L2 of an H100 / H200
+    else:
+        cache_bytes = 64 * 2**20
+    timer = Timer(device, reps, warmup)
+    p = args.p
+    variants = {
+        "F.dropout": lambda x: F.dropout(x, p, training=True),
+        "fused_dropout": lambda x: fused_dropout.dropout(x, p, training=True),
+    }
+    if not args.no_compile:
+        variants["compiled F.dropout"] = torch.compile(lambda x: F.dropout(x, p, training=True), dynamic=False)
+    header = f"Dropout p={p} on {describe(device)}, {time.strftime('%Y-%m-%d')}; median of {reps} runs"
+    print(header, flush=True)
+    results = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for numel in sizes:
+            if cuda and numel * torch.tensor([], dtype=dtype).element_size() * 24 > free:
+                print(f"  skipping {dtype_name} 2^{numel.bit_length() - 1}: not enough GPU memory", flush=True)
+                continue
+            rows = measure_size(numel, dtype, device, p, timer, variants, cache_bytes)
+            results += rows
+            ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
+            print(f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "
+                  f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+    memory = None
+    if cuda and not args.no_mlp:
+        memory = {
+            "nn.Dropout": deep_mlp_peak_memory(device, nn.Dropout),
+            "FusedDropout": deep_mlp_peak_memory(device, fused_dropout.FusedDropout),
+        }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, header)
+    if memory:
+        table += (
+            "\n\nPeak memory of one training step, 8 x Linear(4096, 4096) + ReLU + dropout(0.1), batch 8192: "
+            + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items())
+            + f" (saved {(memory['nn.Dropout'] - memory['FusedDropout']) / 2**20:.0f} MiB)"
+        )
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"device": describe(device), "date": time.strftime("%Y-%m-%d"), "p": p, "reps": reps,
+         "results": results, "deep_mlp_peak_memory_bytes": memory}, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        keys = ["dtype", "numel", "variant", "direction", "ms", "GB/s", "pct_of_copy", "saved_bytes",
+                "speedup_vs_F.dropout", "speedup_vs_compiled F.dropout"]
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: r.get(k, "") for k in keys})
+    plot(results, out / "gbps.png", header)
+    print()
+    print(table)
+    print(f"\nWrote {out}/results.md, results.csv, results.json and gbps.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

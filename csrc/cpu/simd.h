@@ -1,0 +1,27 @@
+// The CPU kernel's inner loops that have an AVX-512 version, chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+#include "../philox.h"
+
+namespace fused_dropout {
+
+// words[4*g + j] = word j of group (first_group + g), for g in [0, groups).
+using FillWordsFn = void (*)(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words);
+// y[i] = rule(x[i], words[i]) for i in [0, count), float32.
+using ApplyFloatFn = void (*)(const float* x, float* y, const uint32_t* words, int64_t count,
+                              const MaskedScale<float, float>& rule);
+
+// The portable words: the scalar Philox in a loop the compiler vectorises.
+void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FUSED_DROPOUT_HAVE_AVX512 1
+// The same results with AVX-512F; call only where the CPU has it.
+void fill_mask_words_avx512(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words);
+void apply_float_avx512(const float* x, float* y, const uint32_t* words, int64_t count,
+                        const MaskedScale<float, float>& rule);
+#endif
+
+}  // namespace fused_dropout
