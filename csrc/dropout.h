@@ -2,6 +2,7 @@
 // the argument checks. The kernels themselves live in cpu/ and cuda/.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 
@@ -20,6 +21,21 @@ constexpr int64_t kMaxDims = 25;
 // and float32, double for float64.
 template <typename scalar_t>
 using OutputRule = MaskedScale<scalar_t, at::opmath_type<scalar_t>>;
+
+// Which mask element each input element uses. The mask shape is the input's shape with the
+// shared dims set to 1 (one mask value for every index along them), and the mask rule's
+// index i is the row-major index in the mask shape. strides[d] is the row-major stride of
+// dim d in the mask shape, or 0 for a shared dim, so an element's mask index is
+// sum(index[d] * strides[d]).
+struct MaskLayout {
+  int64_t numel = 0;     // elements in the mask shape
+  bool shared = false;   // true when some dim of size > 1 is shared
+  std::array<int64_t, kMaxDims> strides{};
+};
+
+// The mask layout of `input` for the given shared dims (negative dims count from the end);
+// checks that each dim is in range and named once.
+MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims);
 
 // Checks shared by every op that takes an input tensor and a drop probability.
 // `op` names the operator in the message, e.g. "fused_dropout::dropout".

@@ -53,6 +53,29 @@ void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
               counter.device(), ", got ", key.device());
 }
 
+MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims) {
+  const int64_t ndim = input.dim();
+  std::array<bool, kMaxDims> is_shared{};
+  for (const int64_t dim : shared_dims) {
+    TORCH_CHECK_INDEX(ndim > 0 && dim >= -ndim && dim < ndim,
+                      op, ": shared_dims must name dims of the ", ndim, "-D input, in [", -ndim, ", ", ndim,
+                      "), got ", dim);
+    const int64_t d = dim < 0 ? dim + ndim : dim;
+    TORCH_CHECK_VALUE(!is_shared[d], op, ": shared_dims names dim ", d, " twice, got ", shared_dims);
+    is_shared[d] = true;
+  }
+  MaskLayout layout;
+  layout.numel = 1;
+  for (int64_t d = ndim - 1; d >= 0; --d) {
+    const int64_t size = is_shared[d] ? 1 : input.size(d);
+    layout.strides[d] = is_shared[d] ? 0 : layout.numel;
+    layout.numel *= size;
+    layout.shared = layout.shared || (is_shared[d] && input.size(d) > 1);
+  }
+  if (input.numel() == 0) layout.numel = 0;
+  return layout;
+}
+
 at::Tensor empty_output_like(const at::Tensor& input) {
   return at::empty_like(input, at::MemoryFormat::Preserve);
 }
@@ -60,16 +83,17 @@ at::Tensor empty_output_like(const at::Tensor& input) {
 }  // namespace fused_dropout
 
 // rng_state is int64[2] = (seed, base) of the mask rule: all a backward needs to
-// regenerate the mask. The random ops are nondeterministic_seeded so that graph passes
+// regenerate the mask. shared_dims are dims along which one mask value is shared
+// (channel-wise and "locked" dropout); the rule then indexes the smaller mask shape. The random ops are nondeterministic_seeded so that graph passes
 // (CSE, dead-code merging) never fold two calls into one.
 TORCH_LIBRARY(fused_dropout, m) {
-  m.def("dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None) "
-        "-> (Tensor output, Tensor rng_state)",
+  m.def("dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None, "
+        "int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
         {at::Tag::nondeterministic_seeded});
-  m.def("dropout_(Tensor(a!) input, float p, int? seed=None, int offset=0, Generator? generator=None) "
-        "-> Tensor rng_state",
+  m.def("dropout_(Tensor(a!) input, float p, int? seed=None, int offset=0, Generator? generator=None, "
+        "int[] shared_dims=[]) -> Tensor rng_state",
         {at::Tag::nondeterministic_seeded});
-  m.def("dropout_replay(Tensor input, Tensor rng_state, float p) -> Tensor");
+  m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor");
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }
 

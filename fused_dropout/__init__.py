@@ -9,8 +9,8 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C
 from ._ops import philox4x32_10
-from .functional import dropout, keep_mask
-from .modules import FusedDropout
+from .functional import dropout, dropout1d, dropout2d, dropout3d, keep_mask
+from .modules import FusedDropout, FusedDropout1d, FusedDropout2d, FusedDropout3d, replace_dropout
 
 __version__ = "0.1.0"
 
@@ -20,4 +20,17 @@ def has_cuda_kernels() -> bool:
     return bool(_C.with_cuda)
 
 
-__all__ = ["FusedDropout", "dropout", "keep_mask", "philox4x32_10", "has_cuda_kernels"]
+__all__ = [
+    "FusedDropout",
+    "FusedDropout1d",
+    "FusedDropout2d",
+    "FusedDropout3d",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "has_cuda_kernels",
+    "keep_mask",
+    "philox4x32_10",
+    "replace_dropout",
+]

@@ -4,7 +4,7 @@ The forward op returns the output and ``rng_state`` (int64[2]: seed, base). Back
 ``dropout_replay``, which regenerates the same mask from ``rng_state``; that is all that is
 saved, so dropout's backward (and its double backward) costs no mask memory.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,12 +26,13 @@ def dropout_op(
     seed: Optional[int] = None,
     offset: int = 0,
     generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(output, rng_state)`` of one fused dropout call."""
     if seed is not None:
         seed = _as_int64_bits(seed)
         offset = _as_int64_bits(offset)
-    return _ops.dropout.default(input, p, seed, offset, generator)
+    return _ops.dropout.default(input, p, seed, offset, generator, list(shared_dims))
 
 
 def dropout_inplace_op(
@@ -40,17 +41,20 @@ def dropout_inplace_op(
     seed: Optional[int] = None,
     offset: int = 0,
     generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
 ) -> torch.Tensor:
     """Dropout applied to ``input`` in place; returns ``rng_state``."""
     if seed is not None:
         seed = _as_int64_bits(seed)
         offset = _as_int64_bits(offset)
-    return _ops.dropout_.default(input, p, seed, offset, generator)
+    return _ops.dropout_.default(input, p, seed, offset, generator, list(shared_dims))
 
 
-def dropout_replay_op(input: torch.Tensor, rng_state: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_replay_op(
+    input: torch.Tensor, rng_state: torch.Tensor, p: float, shared_dims: Sequence[int] = ()
+) -> torch.Tensor:
     """``input`` times the mask and scale that ``rng_state`` stands for."""
-    return _ops.dropout_replay.default(input, rng_state, p)
+    return _ops.dropout_replay.default(input, rng_state, p, list(shared_dims))
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -60,17 +64,17 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 # Fake kernels: shapes, dtypes and strides for torch.compile / export / meta tensors.
 @torch.library.register_fake("fused_dropout::dropout")
-def _dropout_fake(input, p, seed=None, offset=0, generator=None):
+def _dropout_fake(input, p, seed=None, offset=0, generator=None, shared_dims=()):
     return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fused_dropout::dropout_")
-def _dropout_inplace_fake(input, p, seed=None, offset=0, generator=None):
+def _dropout_inplace_fake(input, p, seed=None, offset=0, generator=None, shared_dims=()):
     return input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fused_dropout::dropout_replay")
-def _dropout_replay_fake(input, rng_state, p):
+def _dropout_replay_fake(input, rng_state, p, shared_dims=()):
     return torch.empty_like(input)
 
 
@@ -81,13 +85,13 @@ def _philox_fake(counter, key):
 
 # Autograd: d(output)/d(input) is the same mask and scale, regenerated from rng_state.
 def _dropout_setup_context(ctx, inputs, output):
-    ctx.p = inputs[1]
+    ctx.p, ctx.shared_dims = inputs[1], inputs[5]
     ctx.save_for_backward(output[1])
 
 
 def _dropout_backward(ctx, grad_output, grad_rng_state):
     (rng_state,) = ctx.saved_tensors
-    return dropout_replay_op(grad_output, rng_state, ctx.p), None, None, None, None
+    return dropout_replay_op(grad_output, rng_state, ctx.p, ctx.shared_dims), None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -96,13 +100,13 @@ torch.library.register_autograd(
 
 
 def _replay_setup_context(ctx, inputs, output):
-    ctx.p = inputs[2]
+    ctx.p, ctx.shared_dims = inputs[2], inputs[3]
     ctx.save_for_backward(inputs[1])
 
 
 def _replay_backward(ctx, grad_output):
     (rng_state,) = ctx.saved_tensors
-    return dropout_replay_op(grad_output, rng_state, ctx.p), None, None
+    return dropout_replay_op(grad_output, rng_state, ctx.p, ctx.shared_dims), None, None, None
 
 
 torch.library.register_autograd(
@@ -112,25 +116,26 @@ torch.library.register_autograd(
 
 class _DropoutInplace(torch.autograd.Function):
     """In-place dropout under autograd. Registered autograd formulas cannot describe a
-    mutating op, so this thin Function marks the input dirty and saves only rng_state."""
+    mutating op, so this thin Function marks the input dirty and saves only rng_state.
+    It returns the input alone: autograd allows no second output when the input is a view."""
 
     @staticmethod
-    def forward(ctx, input, p, seed, offset, generator):
-        rng_state = dropout_inplace_op(input, p, seed, offset, generator)
+    def forward(ctx, input, p, seed, offset, generator, shared_dims):
+        rng_state = dropout_inplace_op(input, p, seed, offset, generator, shared_dims)
         ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(rng_state)
-        ctx.p = p
+        ctx.p, ctx.shared_dims = p, shared_dims
         ctx.save_for_backward(rng_state)
-        return input, rng_state
+        return input
 
     @staticmethod
-    def backward(ctx, grad_output, grad_rng_state):
+    def backward(ctx, grad_output):
         (rng_state,) = ctx.saved_tensors
-        return dropout_replay_op(grad_output, rng_state, ctx.p), None, None, None, None
+        return dropout_replay_op(grad_output, rng_state, ctx.p, ctx.shared_dims), None, None, None, None, None
 
 
-def dropout_inplace(input, p, seed=None, offset=0, generator=None):
-    """In-place dropout that autograd can differentiate; returns ``(input, rng_state)``."""
+def dropout_inplace(input, p, seed=None, offset=0, generator=None, shared_dims=()):
+    """In-place dropout that autograd can differentiate; returns ``input``."""
     if torch.is_grad_enabled() and input.requires_grad:
-        return _DropoutInplace.apply(input, p, seed, offset, generator)
-    return input, dropout_inplace_op(input, p, seed, offset, generator)
+        return _DropoutInplace.apply(input, p, seed, offset, generator, tuple(shared_dims))
+    dropout_inplace_op(input, p, seed, offset, generator, shared_dims)
+    return input

@@ -1,5 +1,6 @@
 """Functional API, mirroring ``torch.nn.functional.dropout``."""
 import math
+import warnings
 from numbers import Real
 from typing import Optional, Sequence, Union
 
@@ -44,6 +45,7 @@ def dropout(
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
     offset: int = 0,
+    shared_dims: Sequence[int] = (),
 ) -> torch.Tensor:
     """Zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)``.
 
@@ -62,6 +64,9 @@ def dropout(
         seed (int, optional): an explicit seed in ``[0, 2**64)``; the same ``seed`` and
             ``offset`` give the same mask on CPU and CUDA. Excludes ``generator``.
         offset (int): the Philox counter base used with ``seed``. Default: 0
+        shared_dims (sequence of int): dims along which one keep/drop decision is shared,
+            e.g. ``(2, 3)`` for channel-wise dropout of ``(N, C, H, W)``, or ``(0,)`` for
+            dropout locked over the time dim of a ``(T, B, H)`` sequence. Default: none
 
     Returns:
         Tensor of the input's shape, dtype, device and memory format. Dropped elements are
@@ -71,11 +76,74 @@ def dropout(
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
     _check_randomness(seed, offset, generator)
+    shared_dims = tuple(shared_dims)
     if not training or p == 0:
         return input
     if inplace:
-        return _ops.dropout_inplace(input, p, seed, offset, generator)[0]
-    return _ops.dropout_op(input, p, seed, offset, generator)[0]
+        return _ops.dropout_inplace(input, p, seed, offset, generator, shared_dims)
+    return _ops.dropout_op(input, p, seed, offset, generator, shared_dims)[0]
+
+
+def _channel_dropout(input, p, training, inplace, batched, **kwargs):
+    # torch's feature dropout: one decision per (sample, channel), shared over the
+    # spatial dims. An unbatched input's channel dim is 0, a batched one's is 1.
+    first_spatial = 2 if batched else 1
+    return dropout(input, p, training, inplace, shared_dims=tuple(range(first_spatial, input.dim())), **kwargs)
+
+
+def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
+    """Channel-wise dropout of ``(N, C, L)`` or ``(C, L)`` inputs: a drop-in for
+    :func:`torch.nn.functional.dropout1d`, with the keyword arguments of :func:`dropout`."""
+    _check_p(p)
+    if input.dim() not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
+            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension "
+            "(i.e. 2D or 3D inputs)."
+        )
+    return _channel_dropout(input, p, training, inplace, input.dim() == 3, **kwargs)
+
+
+def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
+    """Channel-wise dropout of ``(N, C, H, W)`` inputs: a drop-in for
+    :func:`torch.nn.functional.dropout2d`, with its shape rules and warnings."""
+    _check_p(p)
+    if input.dim() not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2,
+        )
+    if input.dim() == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2,
+        )
+    return _channel_dropout(input, p, training, inplace, True, **kwargs)
+
+
+def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
+    """Channel-wise dropout of ``(N, C, D, H, W)`` or ``(C, D, H, W)`` inputs: a drop-in for
+    :func:`torch.nn.functional.dropout3d`, with its shape rules and warnings."""
+    _check_p(p)
+    if input.dim() not in (4, 5):
+        warnings.warn(
+            f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout3d "
+            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
+            stacklevel=2,
+        )
+    return _channel_dropout(input, p, training, inplace, input.dim() == 5, **kwargs)
 
 
 def keep_mask(
@@ -85,6 +153,7 @@ def keep_mask(
     seed: int,
     offset: int = 0,
     device: Union[str, torch.device] = "cpu",
+    shared_dims: Sequence[int] = (),
 ) -> torch.Tensor:
     """The boolean keep-mask that :func:`dropout` with this ``seed`` and ``offset`` applies.
 
@@ -96,6 +165,7 @@ def keep_mask(
         seed (int): the seed, in ``[0, 2**64)``.
         offset (int): the Philox counter base. Default: 0
         device: where to compute it. Default: ``"cpu"``
+        shared_dims: as for :func:`dropout`. Default: none
 
     Returns:
         A bool tensor of ``shape``: ``True`` where the element is kept.
@@ -103,4 +173,4 @@ def keep_mask(
     _check_p(p)
     _check_randomness(seed, offset, None)
     ones = torch.ones(shape, dtype=torch.float32, device=device)
-    return _ops.dropout_op(ones, p, seed, offset)[0] != 0
+    return _ops.dropout_op(ones, p, seed, offset, None, tuple(shared_dims))[0] != 0

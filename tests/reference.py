@@ -63,13 +63,19 @@ def keep_range(start: int, stop: int, p: float, seed: int, base: int = 0) -> np.
     return mask_words(start, stop, seed, base) < np.uint64(threshold(p))
 
 
-def dropout(x: torch.Tensor, p: float, seed: int, base: int = 0) -> torch.Tensor:
+def mask_shape(shape, shared_dims=()):
+    """The shape the rule indexes: ``shape`` with the shared dims set to 1."""
+    shared = {d % len(shape) for d in shared_dims}
+    return tuple(1 if d in shared else n for d, n in enumerate(shape))
+
+
+def dropout(x: torch.Tensor, p: float, seed: int, base: int = 0, shared_dims=()) -> torch.Tensor:
     """The expected output: kept elements cast(acc(x) * scale), dropped ones +0.0.
 
     Computed with NumPy's mask and torch's elementwise ops on a CPU copy, not with the
     extension's kernels."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=torch.float64).to(acc)
-    keep = torch.from_numpy(keep_mask(x.shape, p, seed, base))
+    keep = torch.from_numpy(keep_mask(mask_shape(x.shape, shared_dims), p, seed, base)).expand(x.shape)
     scaled = (x.detach().cpu().to(acc) * scale).to(x.dtype)
     return torch.where(keep, scaled, torch.zeros((), dtype=x.dtype))

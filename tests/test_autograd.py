@@ -101,3 +101,16 @@ def test_replay_of_rng_state_reproduces_the_output(device):
     y, rng_state = _ops.dropout_op(x, 0.25)
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,) and rng_state.device == x.device
     assert torch.equal(_ops.dropout_replay_op(x, rng_state, 0.25), y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_on_a_view_under_autograd(device):
+    x = random_input((6, 10), torch.float32, device).requires_grad_(True)
+    h = x * 1.0
+    view = h[:, 2:7]
+    fused_dropout.dropout(view, 0.5, inplace=True)
+    h.sum().backward()
+    keep = view.detach() != 0
+    expected = torch.ones_like(x)
+    expected[:, 2:7] = torch.where(keep, 2.0, 0.0)
+    assert torch.equal(x.grad, expected)

@@ -70,52 +70,58 @@ struct RngState {
 };
 
 // Row-major walk over a tensor's logical indices that tracks the memory offsets of the
-// input and output, for layouts that are not plain row-major (permuted, channels_last,
-// sliced): the mask follows the logical index, whatever the memory order.
+// input and output, and the mask index, for layouts that are not plain row-major (permuted,
+// channels_last, sliced) or masks shared over some dims: the mask follows the logical
+// index, whatever the memory order.
 struct StridedWalk {
   int64_t ndim;
   const int64_t* sizes;
   const int64_t* in_strides;
   const int64_t* out_strides;
+  const int64_t* mask_strides;
   std::array<int64_t, kMaxDims> index{};
   int64_t in_offset = 0;
   int64_t out_offset = 0;
+  int64_t mask_index = 0;
 
   void seek(int64_t linear) {
-    in_offset = out_offset = 0;
+    in_offset = out_offset = mask_index = 0;
     for (int64_t d = ndim - 1; d >= 0; --d) {
       index[d] = linear % sizes[d];
       linear /= sizes[d];
       in_offset += index[d] * in_strides[d];
       out_offset += index[d] * out_strides[d];
+      mask_index += index[d] * mask_strides[d];
     }
   }
   C10_ALWAYS_INLINE void next() {
     for (int64_t d = ndim - 1; d >= 0; --d) {
       in_offset += in_strides[d];
       out_offset += out_strides[d];
+      mask_index += mask_strides[d];
       if (++index[d] < sizes[d]) return;
       in_offset -= index[d] * in_strides[d];
       out_offset -= index[d] * out_strides[d];
+      mask_index -= index[d] * mask_strides[d];
       index[d] = 0;
     }
   }
 };
 
+// Full mask: the mask index is the logical index, so random words come in batches.
 template <typename scalar_t>
-void apply_mask(const at::Tensor& input, at::Tensor& output, RngState state, double p_drop) {
+void apply_full_mask(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
+                     const OutputRule<scalar_t>& op) {
   const int64_t numel = input.numel();
-  if (numel == 0) return;
-  const auto op = OutputRule<scalar_t>::for_p(p_drop);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const bool row_major = input.is_contiguous() && output.is_contiguous();
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
-
   const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
-    StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data()};
+    StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data(),
+                     layout.strides.data()};
     if (!row_major) walk.seek(group_begin * 4);
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
@@ -142,9 +148,42 @@ void apply_mask(const at::Tensor& input, at::Tensor& output, RngState state, dou
   });
 }
 
-void dispatch_apply(const at::Tensor& input, at::Tensor& output, RngState state, double p) {
+// Mask shared over some dims: neighbouring elements mostly reuse one mask value (channel-
+// wise dropout) or walk consecutive mask indices (dropout locked over time), so each task
+// keeps the Philox group it computed last.
+template <typename scalar_t>
+void apply_shared_mask(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
+                       const OutputRule<scalar_t>& op) {
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, input.numel(), kGrainGroups * 4, [&](int64_t begin, int64_t end) {
+    StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data(),
+                     layout.strides.data()};
+    walk.seek(begin);
+    int64_t cached_group = -1;
+    PhiloxWords words{};
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t group = walk.mask_index >> 2;
+      if (group != cached_group) {
+        words = mask_words(state.seed, state.base, static_cast<uint64_t>(group));
+        cached_group = group;
+      }
+      out[walk.out_offset] = op(in[walk.in_offset], words.w[walk.mask_index & 3]);
+      walk.next();
+    }
+  });
+}
+
+void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
+                    double p) {
+  if (input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
-    apply_mask<scalar_t>(input, output, state, p);
+    const auto op = OutputRule<scalar_t>::for_p(p);
+    if (layout.shared) {
+      apply_shared_mask<scalar_t>(input, output, layout, state, op);
+    } else {
+      apply_full_mask<scalar_t>(input, output, layout, state, op);
+    }
   });
 }
 
@@ -164,36 +203,41 @@ at::Tensor state_tensor(RngState state) {
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, std::optional<int64_t> seed,
-                                               int64_t offset, std::optional<at::Generator> generator) {
+                                               int64_t offset, std::optional<at::Generator> generator,
+                                               at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
   check_input_and_p(kOp, input, p);
   check_randomness_args(kOp, seed, offset, generator);
+  const MaskLayout layout = mask_layout(kOp, input, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = empty_output_like(input);
-  dispatch_apply(input, output, state, p);
+  dispatch_apply(input, output, layout, state, p);
   return {output, state_tensor(state)};
 }
 
 at::Tensor dropout_inplace_cpu(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
-                               std::optional<at::Generator> generator) {
+                               std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_";
   check_input_and_p(kOp, input, p);
   check_randomness_args(kOp, seed, offset, generator);
   check_inplace_target(kOp, input);
+  const MaskLayout layout = mask_layout(kOp, input, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
-  dispatch_apply(input, input, state, p);
+  dispatch_apply(input, input, layout, state, p);
   return state_tensor(state);
 }
 
-at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_state, double p) {
+at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_state, double p,
+                              at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
   check_input_and_p(kOp, input, p);
   check_rng_state(kOp, input, rng_state);
+  const MaskLayout layout = mask_layout(kOp, input, shared_dims);
   const at::Tensor s = rng_state.contiguous();
   const RngState state{static_cast<uint64_t>(s.const_data_ptr<int64_t>()[0]),
                        static_cast<uint64_t>(s.const_data_ptr<int64_t>()[1])};
   at::Tensor output = empty_output_like(input);
-  dispatch_apply(input, output, state, p);
+  dispatch_apply(input, output, layout, state, p);
   return output;
 }
 

@@ -95,13 +95,15 @@ __global__ void __launch_bounds__(kThreads) dropout_contiguous_kernel(
   }
 }
 
-// Any other layout (permuted, channels_last, sliced): each thread maps four logical indices
-// to memory offsets of the input and the output.
+// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims: each
+// thread maps four consecutive logical indices to memory offsets and mask indices, and
+// keeps the Philox group it computed last (a shared mask value, or the next three words).
 struct StridedLayout {
   int ndim;
   int64_t sizes[kMaxDims];
   int64_t in_strides[kMaxDims];
   int64_t out_strides[kMaxDims];
+  int64_t mask_strides[kMaxDims];
 };
 
 template <typename scalar_t>
@@ -109,22 +111,28 @@ __global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
     const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, OutputRule<scalar_t> op) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
-  const int64_t groups = (numel + 3) / 4;
+  const int64_t quads = (numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups; g += stride) {
-    const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(g));
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < quads; q += stride) {
+    int64_t cached_group = -1;
+    PhiloxWords w{};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      int64_t linear = g * 4 + j;
+      int64_t linear = q * 4 + j;
       if (linear >= numel) break;
-      int64_t in_offset = 0, out_offset = 0;
+      int64_t in_offset = 0, out_offset = 0, mask_index = 0;
       for (int d = layout.ndim - 1; d >= 0; --d) {
         const int64_t index = linear % layout.sizes[d];
         linear /= layout.sizes[d];
         in_offset += index * layout.in_strides[d];
         out_offset += index * layout.out_strides[d];
+        mask_index += index * layout.mask_strides[d];
       }
-      out[out_offset] = op(in[in_offset], w.w[j]);
+      if ((mask_index >> 2) != cached_group) {
+        cached_group = mask_index >> 2;
+        w = mask_words(seed, base, static_cast<uint64_t>(cached_group));
+      }
+      out[out_offset] = op(in[in_offset], w.w[mask_index & 3]);
     }
   }
 }
@@ -139,14 +147,15 @@ int grid_for(int64_t work_items) {
 }
 
 template <typename scalar_t>
-void launch(const at::Tensor& input, at::Tensor& output, const StateSource& src, double p_drop) {
+void launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask, const StateSource& src,
+            double p_drop) {
   const int64_t numel = input.numel();
   const auto op = OutputRule<scalar_t>::for_p(p_drop);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Launched even for an empty tensor, so the kernel still records rng_state.
-  if (input.is_contiguous() && output.is_contiguous()) {
+  if (!mask.shared && input.is_contiguous() && output.is_contiguous()) {
     constexpr int kStep = step_elems<scalar_t>();
     const int grid = grid_for((numel + kStep - 1) / kStep);
     constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
@@ -164,27 +173,29 @@ void launch(const at::Tensor& input, at::Tensor& output, const StateSource& src,
       layout.sizes[d] = input.size(d);
       layout.in_strides[d] = input.stride(d);
       layout.out_strides[d] = output.stride(d);
+      layout.mask_strides[d] = mask.strides[d];
     }
     dropout_strided_kernel<scalar_t><<<grid_for((numel + 3) / 4), kThreads, 0, stream>>>(in, out, numel, layout, src, op);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-void dispatch_launch(const at::Tensor& input, at::Tensor& output, const StateSource& src, double p) {
+void dispatch_launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask, const StateSource& src,
+                     double p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
-    launch<scalar_t>(input, output, src, p);
+    launch<scalar_t>(input, output, mask, src, p);
   });
 }
 
 // The random state of a new call: an explicit seed, or counters reserved from the generator.
-at::PhiloxCudaState reserve_state(const at::Tensor& input, const std::optional<int64_t>& seed, int64_t offset,
-                                  const std::optional<at::Generator>& generator) {
+at::PhiloxCudaState reserve_state(const at::Tensor& input, const MaskLayout& mask, const std::optional<int64_t>& seed,
+                                  int64_t offset, const std::optional<at::Generator>& generator) {
   if (seed.has_value()) return at::PhiloxCudaState(static_cast<uint64_t>(*seed), static_cast<uint64_t>(offset));
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       generator, at::cuda::detail::getDefaultCUDAGenerator(input.device().index()));
   // Reserving under the mutex gives concurrent callers disjoint counter ranges.
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  return gen->philox_cuda_state(counters_for(input.numel()));
+  return gen->philox_cuda_state(counters_for(mask.numel));
 }
 
 at::Tensor new_state_tensor(const at::Tensor& input) {
@@ -192,40 +203,45 @@ at::Tensor new_state_tensor(const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
-                                                int64_t offset, std::optional<at::Generator> generator) {
+                                                int64_t offset, std::optional<at::Generator> generator,
+                                                at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
   check_input_and_p(kOp, input, p);
   check_randomness_args(kOp, seed, offset, generator);
+  const MaskLayout mask = mask_layout(kOp, input, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  const StateSource src{reserve_state(input, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
-  dispatch_launch(input, output, src, p);
+  const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  dispatch_launch(input, output, mask, src, p);
   return {output, rng_state};
 }
 
 at::Tensor dropout_inplace_cuda(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
-                                std::optional<at::Generator> generator) {
+                                std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_";
   check_input_and_p(kOp, input, p);
   check_randomness_args(kOp, seed, offset, generator);
   check_inplace_target(kOp, input);
+  const MaskLayout mask = mask_layout(kOp, input, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor rng_state = new_state_tensor(input);
-  const StateSource src{reserve_state(input, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
-  dispatch_launch(input, input, src, p);
+  const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  dispatch_launch(input, input, mask, src, p);
   return rng_state;
 }
 
-at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p) {
+at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p,
+                               at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
   check_input_and_p(kOp, input, p);
   check_rng_state(kOp, input, rng_state);
+  const MaskLayout mask = mask_layout(kOp, input, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
   at::Tensor output = empty_output_like(input);
   const StateSource src{at::PhiloxCudaState(0, 0), state.const_data_ptr<int64_t>(), nullptr};
-  dispatch_launch(input, output, src, p);
+  dispatch_launch(input, output, mask, src, p);
   return output;
 }
 
