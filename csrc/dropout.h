@@ -51,6 +51,11 @@ void check_rng_state(const char* op, const at::Tensor& input, const at::Tensor& 
 // Checks an in-place target: no two elements may share memory.
 void check_inplace_target(const char* op, const at::Tensor& input);
 
+// Checks dropout_add's tensors: residual of the input's shape, dtype and device; bias, when
+// given, 1-D over the input's last dim.
+void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& bias);
+
 // Checks the arguments of the raw generator op: counter int64[N, 4], key int64[N, 2], same device.
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key);
 

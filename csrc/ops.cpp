@@ -42,6 +42,24 @@ void check_inplace_target(const char* op, const at::Tensor& input) {
               "(e.g. not an expand()ed tensor), got strides ", input.strides());
 }
 
+void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual must have the input's shape ", input.sizes(),
+              ", got ", residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), op, ": residual must have the input's dtype ",
+              input.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.device() == input.device(), op, ": residual must be on the input's device ", input.device(),
+              ", got ", residual.device());
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK(input.dim() > 0 && bias->dim() == 1 && bias->size(0) == input.size(-1), op,
+              ": bias must be 1-D with the size of the input's last dim (", input.dim() > 0 ? input.size(-1) : 0,
+              "), got shape ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias must have the input's dtype ",
+              input.scalar_type(), ", got ", bias->scalar_type());
+  TORCH_CHECK(bias->device() == input.device(), op, ": bias must be on the input's device ", input.device(), ", got ",
+              bias->device());
+}
+
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
   TORCH_CHECK(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
               "fused_dropout::philox4x32_10: counter must be int64 of shape [N, 4], got ", counter.scalar_type(),
@@ -94,6 +112,10 @@ TORCH_LIBRARY(fused_dropout, m) {
         "int[] shared_dims=[]) -> Tensor rng_state",
         {at::Tag::nondeterministic_seeded});
   m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor");
+  // residual + dropout(input + bias) in one pass (bias broadcast over the last dim).
+  m.def("dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int? seed=None, int offset=0, "
+        "Generator? generator=None) -> (Tensor output, Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }
 

@@ -132,6 +132,16 @@ struct MaskedScale {
     std::memcpy(&out, &bits, sizeof(bits));
     return out;
   }
+
+  // residual + dropout(x + bias) with the roundings of those three ops done one by one, so
+  // the fused op equals the unfused composition bit for bit in every dtype. The bit-select
+  // between the multiply and the add also keeps compilers from contracting them into an FMA.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t add_to(scalar_t residual, scalar_t x, uint32_t word) const {
+    return static_cast<scalar_t>(static_cast<acc_t>(residual) + static_cast<acc_t>((*this)(x, word)));
+  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static scalar_t plus_bias(scalar_t x, scalar_t bias) {
+    return static_cast<scalar_t>(static_cast<acc_t>(x) + static_cast<acc_t>(bias));
+  }
 };
 
 // Counter values one call consumes: one Philox block serves four mask elements.

@@ -9,8 +9,8 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C
 from ._ops import philox4x32_10
-from .functional import dropout, dropout1d, dropout2d, dropout3d, keep_mask
-from .modules import FusedDropout, FusedDropout1d, FusedDropout2d, FusedDropout3d, replace_dropout
+from .functional import dropout, dropout1d, dropout2d, dropout3d, dropout_add, keep_mask
+from .modules import FusedDropout, FusedDropout1d, FusedDropout2d, FusedDropout3d, FusedDropoutAdd, replace_dropout
 
 __version__ = "0.1.0"
 
@@ -25,10 +25,12 @@ __all__ = [
     "FusedDropout1d",
     "FusedDropout2d",
     "FusedDropout3d",
+    "FusedDropoutAdd",
     "dropout",
     "dropout1d",
     "dropout2d",
     "dropout3d",
+    "dropout_add",
     "has_cuda_kernels",
     "keep_mask",
     "philox4x32_10",

@@ -57,6 +57,22 @@ def dropout_replay_op(
     return _ops.dropout_replay.default(input, rng_state, p, list(shared_dims))
 
 
+def dropout_add_op(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(residual + dropout(input + bias), rng_state)`` in one pass."""
+    if seed is not None:
+        seed = _as_int64_bits(seed)
+        offset = _as_int64_bits(offset)
+    return _ops.dropout_add.default(input, residual, bias, p, seed, offset, generator)
+
+
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Raw Philox4x32-10: counter int64[N, 4] and key int64[N, 2] of 32-bit words -> int64[N, 4]."""
     return _ops.philox4x32_10.default(counter, key)
@@ -76,6 +92,11 @@ def _dropout_inplace_fake(input, p, seed=None, offset=0, generator=None, shared_
 @torch.library.register_fake("fused_dropout::dropout_replay")
 def _dropout_replay_fake(input, rng_state, p, shared_dims=()):
     return torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_dropout::dropout_add")
+def _dropout_add_fake(input, residual, bias, p, seed=None, offset=0, generator=None):
+    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fused_dropout::philox4x32_10")
@@ -111,6 +132,25 @@ def _replay_backward(ctx, grad_output):
 
 torch.library.register_autograd(
     "fused_dropout::dropout_replay", _replay_backward, setup_context=_replay_setup_context
+)
+
+
+def _dropout_add_setup_context(ctx, inputs, output):
+    ctx.p, ctx.has_bias = inputs[3], inputs[2] is not None
+    ctx.save_for_backward(output[1])
+
+
+def _dropout_add_backward(ctx, grad_output, grad_rng_state):
+    # d/d residual = 1; d/d input = the forward's mask and scale; d/d bias = that, summed
+    # over every dim but the last.
+    (rng_state,) = ctx.saved_tensors
+    grad_input = dropout_replay_op(grad_output, rng_state, ctx.p)
+    grad_bias = grad_input.reshape(-1, grad_input.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_input, grad_output, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fused_dropout::dropout_add", _dropout_add_backward, setup_context=_dropout_add_setup_context
 )
 
 

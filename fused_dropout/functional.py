@@ -84,6 +84,48 @@ def dropout(
     return _ops.dropout_op(input, p, seed, offset, generator, shared_dims)[0]
 
 
+def dropout_add(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """``residual + dropout(input + bias)`` in one pass over memory (a transformer block's
+    bias-dropout-add).
+
+    Equal, bit for bit, to ``residual + dropout(input + bias, p, seed=seed)`` composed from
+    this package's ops: each step is rounded to the input's dtype as it would be unfused.
+    Backward saves only the 16-byte random state.
+
+    Args:
+        input (Tensor): the branch output to drop, any shape; float32, float64, float16 or
+            bfloat16.
+        residual (Tensor): the skip connection, of the input's shape, dtype and device.
+        p (float): probability of an element of ``input + bias`` to be zeroed. Default: 0.5
+        training (bool): apply dropout if ``True``; otherwise return ``residual + input + bias``.
+        bias (Tensor, optional): 1-D, the size of the input's last dim, added before dropout.
+        generator, seed, offset: as for :func:`dropout`.
+
+    Returns:
+        Tensor of the input's shape, dtype, device and memory format.
+    """
+    _check_p(p)
+    for name, value in (("input", input), ("residual", residual)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"dropout_add: {name} must be a Tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"dropout_add: bias must be a Tensor or None, got {type(bias).__name__}")
+    _check_randomness(seed, offset, generator)
+    if not training or p == 0:
+        return residual + (input if bias is None else input + bias)
+    return _ops.dropout_add_op(input, residual, bias, p, seed, offset, generator)[0]
+
+
 def _channel_dropout(input, p, training, inplace, batched, **kwargs):
     # torch's feature dropout: one decision per (sample, channel), shared over the
     # spatial dims. An unbatched input's channel dim is 0, a batched one's is 1.

@@ -63,6 +63,28 @@ class FusedDropout3d(_FusedDropoutNd):
         return F.dropout3d(input, self.p, self.training, self.inplace)
 
 
+class FusedDropoutAdd(_FusedDropoutNd):
+    """``residual + dropout(input + bias)`` as one fused kernel, for transformer blocks.
+    See :func:`fused_dropout.functional.dropout_add`.
+
+    Args:
+        p (float): probability of an element to be zeroed. Default: 0.5
+
+    Shape:
+        - input, residual: the same shape; bias (optional): ``(input.shape[-1],)``.
+        - Output: the input's shape, dtype and memory format.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__(p, inplace=False)
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor, bias=None) -> torch.Tensor:
+        return F.dropout_add(input, residual, self.p, self.training, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 _REPLACEMENTS = {
     nn.Dropout: FusedDropout,
     nn.Dropout1d: FusedDropout1d,

@@ -69,44 +69,42 @@ struct RngState {
   uint64_t base;
 };
 
-// Row-major walk over a tensor's logical indices that tracks the memory offsets of the
-// input and output, and the mask index, for layouts that are not plain row-major (permuted,
-// channels_last, sliced) or masks shared over some dims: the mask follows the logical
-// index, whatever the memory order.
+// Row-major walk over a tensor's logical indices that tracks the memory offsets of N
+// operands (input, output, ... and the mask index, whose "strides" are the mask layout's),
+// for layouts that are not plain row-major (permuted, channels_last, sliced) or masks shared
+// over some dims: the mask follows the logical index, whatever the memory order.
+template <int N>
 struct StridedWalk {
   int64_t ndim;
   const int64_t* sizes;
-  const int64_t* in_strides;
-  const int64_t* out_strides;
-  const int64_t* mask_strides;
+  std::array<const int64_t*, N> strides;
   std::array<int64_t, kMaxDims> index{};
-  int64_t in_offset = 0;
-  int64_t out_offset = 0;
-  int64_t mask_index = 0;
+  std::array<int64_t, N> offset{};
 
   void seek(int64_t linear) {
-    in_offset = out_offset = mask_index = 0;
+    offset.fill(0);
     for (int64_t d = ndim - 1; d >= 0; --d) {
       index[d] = linear % sizes[d];
       linear /= sizes[d];
-      in_offset += index[d] * in_strides[d];
-      out_offset += index[d] * out_strides[d];
-      mask_index += index[d] * mask_strides[d];
+      for (int k = 0; k < N; ++k) offset[k] += index[d] * strides[k][d];
     }
   }
   C10_ALWAYS_INLINE void next() {
     for (int64_t d = ndim - 1; d >= 0; --d) {
-      in_offset += in_strides[d];
-      out_offset += out_strides[d];
-      mask_index += mask_strides[d];
+      for (int k = 0; k < N; ++k) offset[k] += strides[k][d];
       if (++index[d] < sizes[d]) return;
-      in_offset -= index[d] * in_strides[d];
-      out_offset -= index[d] * out_strides[d];
-      mask_index -= index[d] * mask_strides[d];
+      for (int k = 0; k < N; ++k) offset[k] -= index[d] * strides[k][d];
       index[d] = 0;
     }
   }
 };
+
+// Operand order of the dropout walks.
+constexpr int kIn = 0, kOut = 1, kMask = 2;
+
+StridedWalk<3> dropout_walk(const at::Tensor& input, const at::Tensor& output, const MaskLayout& layout) {
+  return {input.dim(), input.sizes().data(), {input.strides().data(), output.strides().data(), layout.strides.data()}};
+}
 
 // Full mask: the mask index is the logical index, so random words come in batches.
 template <typename scalar_t>
@@ -120,8 +118,7 @@ void apply_full_mask(const at::Tensor& input, at::Tensor& output, const MaskLayo
   const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
-    StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data(),
-                     layout.strides.data()};
+    StridedWalk<3> walk = dropout_walk(input, output, layout);
     if (!row_major) walk.seek(group_begin * 4);
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
@@ -140,7 +137,7 @@ void apply_full_mask(const at::Tensor& input, at::Tensor& output, const MaskLayo
         for (int64_t i = 0; i < count; ++i) y[i] = op(x[i], words[i]);
       } else {
         for (int64_t i = 0; i < count; ++i) {
-          out[walk.out_offset] = op(in[walk.in_offset], words[i]);
+          out[walk.offset[kOut]] = op(in[walk.offset[kIn]], words[i]);
           walk.next();
         }
       }
@@ -157,18 +154,17 @@ void apply_shared_mask(const at::Tensor& input, at::Tensor& output, const MaskLa
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, input.numel(), kGrainGroups * 4, [&](int64_t begin, int64_t end) {
-    StridedWalk walk{input.dim(), input.sizes().data(), input.strides().data(), output.strides().data(),
-                     layout.strides.data()};
+    StridedWalk<3> walk = dropout_walk(input, output, layout);
     walk.seek(begin);
     int64_t cached_group = -1;
     PhiloxWords words{};
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t group = walk.mask_index >> 2;
-      if (group != cached_group) {
-        words = mask_words(state.seed, state.base, static_cast<uint64_t>(group));
-        cached_group = group;
+      const int64_t mask_index = walk.offset[kMask];
+      if ((mask_index >> 2) != cached_group) {
+        cached_group = mask_index >> 2;
+        words = mask_words(state.seed, state.base, static_cast<uint64_t>(cached_group));
       }
-      out[walk.out_offset] = op(in[walk.in_offset], words.w[walk.mask_index & 3]);
+      out[walk.offset[kOut]] = op(in[walk.offset[kIn]], words.w[mask_index & 3]);
       walk.next();
     }
   });
@@ -183,6 +179,40 @@ void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayou
       apply_shared_mask<scalar_t>(input, output, layout, state, op);
     } else {
       apply_full_mask<scalar_t>(input, output, layout, state, op);
+    }
+  });
+}
+
+// residual + dropout(input + bias): the full-mask structure with two more operands.
+template <typename scalar_t>
+void apply_dropout_add(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias,
+                       at::Tensor& output, RngState state, double p) {
+  const int64_t numel = input.numel();
+  if (numel == 0) return;
+  const auto op = OutputRule<scalar_t>::for_p(p);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* res = residual.const_data_ptr<scalar_t>();
+  const at::Tensor bias_contiguous = bias.defined() ? bias.contiguous() : at::Tensor();
+  const scalar_t* b = bias.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  const int64_t last_dim = input.dim() - 1;  // bias runs along it
+  const int64_t groups = static_cast<int64_t>(counters_for(numel));
+  const InnerLoops& loops = InnerLoops::get();
+  at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
+    alignas(64) uint32_t words[4 * kBatchGroups];
+    StridedWalk<3> walk{input.dim(), input.sizes().data(),
+                        {input.strides().data(), residual.strides().data(), output.strides().data()}};
+    walk.seek(group_begin * 4);
+    for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
+      const int64_t batch = std::min(kBatchGroups, group_end - g);
+      loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
+      const int64_t count = std::min(batch * 4, numel - g * 4);
+      for (int64_t i = 0; i < count; ++i) {
+        scalar_t x = in[walk.offset[0]];
+        if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[walk.index[last_dim]]);
+        out[walk.offset[2]] = op.add_to(res[walk.offset[1]], x, words[i]);
+        walk.next();
+      }
     }
   });
 }
@@ -241,6 +271,23 @@ at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_sta
   return output;
 }
 
+std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, const at::Tensor& residual,
+                                                   const std::optional<at::Tensor>& bias, double p,
+                                                   std::optional<int64_t> seed, int64_t offset,
+                                                   std::optional<at::Generator> generator) {
+  constexpr const char* kOp = "fused_dropout::dropout_add";
+  check_input_and_p(kOp, input, p);
+  check_dropout_add_args(kOp, input, residual, bias);
+  check_randomness_args(kOp, seed, offset, generator);
+  const RngState state = draw_state(seed, offset, generator);
+  at::Tensor output = empty_output_like(input);
+  const at::Tensor bias_or_undefined = bias.has_value() ? *bias : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
+    apply_dropout_add<scalar_t>(input, residual, bias_or_undefined, output, state, p);
+  });
+  return {output, state_tensor(state)};
+}
+
 // Known-answer access to the raw generator: counter int64[N, 4] and key int64[N, 2], each
 // holding 32-bit words; returns the four output words of each row as int64[N, 4].
 at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
@@ -267,5 +314,6 @@ TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
   m.impl("dropout", &fused_dropout::dropout_cpu);
   m.impl("dropout_", &fused_dropout::dropout_inplace_cpu);
   m.impl("dropout_replay", &fused_dropout::dropout_replay_cpu);
+  m.impl("dropout_add", &fused_dropout::dropout_add_cpu);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cpu);
 }

@@ -137,6 +137,50 @@ __global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
   }
 }
 
+// residual + dropout(input + bias): each thread takes four consecutive logical indices (one
+// Philox call). Row-major operands use the logical index as the memory index; otherwise it
+// is mapped to each operand's offsets.
+struct AddLayout {
+  int ndim;
+  int64_t sizes[kMaxDims];
+  int64_t in_strides[kMaxDims];
+  int64_t res_strides[kMaxDims];
+  int64_t out_strides[kMaxDims];
+};
+
+template <typename scalar_t, bool kRowMajor>
+__global__ void __launch_bounds__(kThreads) dropout_add_kernel(
+    const scalar_t* in, const scalar_t* res, const scalar_t* bias, scalar_t* out, int64_t numel, int64_t last_size,
+    AddLayout layout, StateSource src, OutputRule<scalar_t> op) {
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t quads = (numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < quads; q += stride) {
+    const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(q));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t linear = q * 4 + j;
+      if (linear >= numel) break;
+      int64_t in_offset = linear, res_offset = linear, out_offset = linear;
+      if (!kRowMajor) {
+        in_offset = res_offset = out_offset = 0;
+        int64_t rest = linear;
+        for (int d = layout.ndim - 1; d >= 0; --d) {
+          const int64_t index = rest % layout.sizes[d];
+          rest /= layout.sizes[d];
+          in_offset += index * layout.in_strides[d];
+          res_offset += index * layout.res_strides[d];
+          out_offset += index * layout.out_strides[d];
+        }
+      }
+      scalar_t x = in[in_offset];
+      if (bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, bias[linear % last_size]);
+      out[out_offset] = op.add_to(res[res_offset], x, w.w[j]);
+    }
+  }
+}
+
 int grid_for(int64_t work_items) {
   // Enough resident blocks to fill every SM; a grid-stride loop covers the rest. The mask
   // does not depend on the grid, only on the logical index.
@@ -245,6 +289,50 @@ at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_st
   return output;
 }
 
+std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, const at::Tensor& residual,
+                                                    const std::optional<at::Tensor>& bias, double p,
+                                                    std::optional<int64_t> seed, int64_t offset,
+                                                    std::optional<at::Generator> generator) {
+  constexpr const char* kOp = "fused_dropout::dropout_add";
+  check_input_and_p(kOp, input, p);
+  check_dropout_add_args(kOp, input, residual, bias);
+  check_randomness_args(kOp, seed, offset, generator);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = empty_output_like(input);
+  at::Tensor rng_state = new_state_tensor(input);
+  const MaskLayout mask = mask_layout(kOp, input, {});
+  const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const int64_t numel = input.numel();
+  const int64_t last_size = input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1;
+  const bool row_major = input.is_contiguous() && residual.is_contiguous() && output.is_contiguous();
+  AddLayout layout{};
+  layout.ndim = static_cast<int>(input.dim());
+  for (int d = 0; d < layout.ndim; ++d) {
+    layout.sizes[d] = input.size(d);
+    layout.in_strides[d] = input.stride(d);
+    layout.res_strides[d] = residual.stride(d);
+    layout.out_strides[d] = output.stride(d);
+  }
+  const int grid = grid_for((numel + 3) / 4);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
+    const auto op = OutputRule<scalar_t>::for_p(p);
+    const scalar_t* b = bias_contiguous.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
+    if (row_major) {
+      dropout_add_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), b,
+          output.mutable_data_ptr<scalar_t>(), numel, last_size, layout, src, op);
+    } else {
+      dropout_add_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), b,
+          output.mutable_data_ptr<scalar_t>(), numel, last_size, layout, src, op);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {output, rng_state};
+}
+
 __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
@@ -278,5 +366,6 @@ TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
   m.impl("dropout", &fused_dropout::dropout_cuda);
   m.impl("dropout_", &fused_dropout::dropout_inplace_cuda);
   m.impl("dropout_replay", &fused_dropout::dropout_replay_cuda);
+  m.impl("dropout_add", &fused_dropout::dropout_add_cuda);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cuda);
 }
