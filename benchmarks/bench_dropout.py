@@ -17,6 +17,7 @@ Writes results.md (the table), results.csv, results.json and gbps.png to --out.
 import argparse
 import csv
 import json
+import math
 import platform
 import statistics
 import sys
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd F.dropout")
     parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
+    parser.add_argument("--no-add", action="store_true", help="skip the dropout_add comparison")
     parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
     parser.add_argument("--out", default="benchmarks/results/latest", help="output folder")
     return parser.parse_args(argv)
@@ -168,6 +170,40 @@ def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
     return results
 
 
+def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes):
+    """residual + dropout(x + bias), as a transformer block's bias-dropout-add: eager
+    PyTorch ops, the same compiled, and fused_dropout.dropout_add. Counted bytes: x and
+    residual read, the output written (the bias is one row)."""
+    width = 1024
+    rows_count = max(1, numel // width)
+    shape = (rows_count, width)
+    inputs = rotation(rows_count * width, dtype, device, cache_bytes)
+    inputs = [t.view(shape) for t in inputs]
+    bias = torch.randn(width, device=device, dtype=dtype)
+    next_x, next_residual = cycle(inputs), cycle(inputs[1:] + inputs[:1])
+
+    def eager(x, r):
+        return r + F.dropout(x + bias, p, training=True)
+
+    variants = {"add: eager": eager, "add: fused_dropout": lambda x, r: fused_dropout.dropout_add(x, r, p, bias=bias)}
+    if compile_too:
+        variants["add: compiled"] = torch.compile(eager, dynamic=False)
+    es = inputs[0].element_size()
+    counted = 3 * rows_count * width * es
+    results = []
+    for name, fn in variants.items():
+        seconds = timer(lambda: fn(next_x(), next_residual()))
+        results.append({"dtype": str(dtype).replace("torch.", ""), "numel": rows_count * width, "variant": name,
+                        "direction": "forward", "ms": seconds * 1e3, "GB/s": counted / seconds / 1e9,
+                        "pct_of_copy": float("nan"), "saved_bytes": None})
+    fused = [r for r in results if r["variant"] == "add: fused_dropout"][0]
+    for ref in ("eager", "compiled"):
+        match = [r for r in results if r["variant"] == f"add: {ref}"]
+        if match:
+            fused[f"speedup_vs_{'F.dropout' if ref == 'eager' else 'compiled F.dropout'}"] = match[0]["ms"] / fused["ms"]
+    return results
+
+
 def deep_mlp_peak_memory(device, dropout_cls, width=4096, depth=8, batch=8192):
     """Peak memory of one training step of a deep MLP with dropout after every layer."""
     torch.manual_seed(0)
@@ -200,15 +236,16 @@ def fmt_size(numel):
 
 
 def markdown(results, header):
+    def cell(value, fmt):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
     lines = [header, "", "| dtype | size | direction | variant | ms | GB/s | % of copy | vs F.dropout | vs compiled | saved bytes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        vs_eager = r.get("speedup_vs_F.dropout")
-        vs_compiled = r.get("speedup_vs_compiled F.dropout")
         lines.append(
             f"| {r['dtype']} | {fmt_size(r['numel'])} | {r['direction']} | {r['variant']} | {r['ms']:.3f} | "
-            f"{r['GB/s']:.1f} | {r['pct_of_copy']:.0f}% | {f'{vs_eager:.2f}x' if vs_eager else ''} | "
-            f"{f'{vs_compiled:.2f}x' if vs_compiled else ''} | {'' if r['saved_bytes'] is None else r['saved_bytes']} |"
+            f"{r['GB/s']:.1f} | {cell(r['pct_of_copy'], '{:.0f}%')} | {cell(r.get('speedup_vs_F.dropout'), '{:.2f}x')} | "
+            f"{cell(r.get('speedup_vs_compiled F.dropout'), '{:.2f}x')} | {cell(r['saved_bytes'], '{}')} |"
         )
     return "\n".join(lines)
 
@@ -223,7 +260,8 @@ def plot(results, path, title):
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         for variant in dict.fromkeys(r["variant"] for r in results):
-            points = [r for r in results if r["dtype"] == dtype and r["variant"] == variant and r["direction"] == "forward"]
+            points = [r for r in results if r["dtype"] == dtype and r["variant"] == variant
+                      and r["direction"] == "forward" and not variant.startswith("add:")]
             if points:
                 ax.plot([r["numel"] for r in points], [r["GB/s"] for r in points], marker="o", label=variant)
         ax.set_xscale("log", base=2)
@@ -275,6 +313,8 @@ def main(argv=None):
                 print(f"  skipping {dtype_name} 2^{numel.bit_length() - 1}: not enough GPU memory", flush=True)
                 continue
             rows = measure_size(numel, dtype, device, p, timer, variants, cache_bytes)
+            if not args.no_add:
+                rows += measure_dropout_add(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
             results += rows
             ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
             print(f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "

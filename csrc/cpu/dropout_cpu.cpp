@@ -196,22 +196,35 @@ void apply_dropout_add(const at::Tensor& input, const at::Tensor& residual, cons
   const scalar_t* b = bias.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const int64_t last_dim = input.dim() - 1;  // bias runs along it
+  const bool row_major = input.is_contiguous() && residual.is_contiguous() && output.is_contiguous();
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
   const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
     StridedWalk<3> walk{input.dim(), input.sizes().data(),
                         {input.strides().data(), residual.strides().data(), output.strides().data()}};
-    walk.seek(group_begin * 4);
+    if (!row_major) walk.seek(group_begin * 4);
+    const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
       loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
-      const int64_t count = std::min(batch * 4, numel - g * 4);
-      for (int64_t i = 0; i < count; ++i) {
-        scalar_t x = in[walk.offset[0]];
-        if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[walk.index[last_dim]]);
-        out[walk.offset[2]] = op.add_to(res[walk.offset[1]], x, words[i]);
-        walk.next();
+      const int64_t first = g * 4;
+      const int64_t count = std::min(batch * 4, numel - first);
+      if (row_major) {
+        int64_t column = first % last_size;  // index along the last dim, where the bias runs
+        for (int64_t i = 0; i < count; ++i) {
+          scalar_t x = in[first + i];
+          if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[column]);
+          out[first + i] = op.add_to(res[first + i], x, words[i]);
+          if (++column == last_size) column = 0;
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          scalar_t x = in[walk.offset[0]];
+          if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[walk.index[last_dim]]);
+          out[walk.offset[2]] = op.add_to(res[walk.offset[1]], x, words[i]);
+          walk.next();
+        }
       }
     }
   });
