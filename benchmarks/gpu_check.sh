@@ -48,6 +48,11 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         fused_dropout.dropout(x.detach().clone(), 0.3, inplace=True)
     z = torch.randn(2, 3, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     fused_dropout.dropout(z, 0.5)
+    fused_dropout.dropout2d(z, 0.5)                                     # shared mask
+    r = torch.randn(33, 65, device="cuda", dtype=dtype)
+    b = torch.randn(65, device="cuda", dtype=dtype)
+    fused_dropout.dropout_add(r.clone(), r, 0.1, bias=b)
+    fused_dropout.dropout_add(r.t().contiguous().t(), r, 0.1, bias=b)   # strided operands
 torch.cuda.synchronize()
 print("sanitize run done")
 PYEOF
@@ -76,11 +81,13 @@ $PY - "$OUT/bench/results.json" <<'PYEOF'
 import json, sys
 data = json.load(open(sys.argv[1]))
 print(data["device"], data["date"])
-print(f"{'dtype':9} {'size':6} {'direction':17} {'ms':>8} {'% copy':>7} {'vs eager':>9} {'vs compiled':>12}")
+print(f"{'op':19} {'dtype':9} {'size':6} {'direction':17} {'ms':>8} {'% copy':>7} {'vs eager':>9} {'vs compiled':>12}")
 for r in data["results"]:
-    if r["variant"] == "fused_dropout" and r["numel"] >= 2**24:
-        print(f"{r['dtype']:9} 2^{r['numel'].bit_length() - 1:<4} {r['direction']:17} {r['ms']:8.3f} {r['pct_of_copy']:6.0f}% "
-              f"{r.get('speedup_vs_F.dropout', 0):8.2f}x {r.get('speedup_vs_compiled F.dropout', 0):11.2f}x")
+    if r["variant"] in ("fused_dropout", "add: fused_dropout") and r["numel"] >= 2**24:
+        pct = "" if r["pct_of_copy"] != r["pct_of_copy"] else f"{r['pct_of_copy']:.0f}%"  # NaN: no copy row
+        print(f"{r['variant']:19} {r['dtype']:9} 2^{r['numel'].bit_length() - 1:<4} {r['direction']:17} {r['ms']:8.3f} "
+              f"{pct:>7} {r.get('speedup_vs_F.dropout', 0):8.2f}x "
+              f"{r.get('speedup_vs_compiled F.dropout', 0):11.2f}x")
 mem = data.get("deep_mlp_peak_memory_bytes")
 if mem:
     print("deep MLP step peak memory:", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()))
