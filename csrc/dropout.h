@@ -37,24 +37,23 @@ struct MaskLayout {
 // checks that each dim is in range and named once.
 MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims);
 
-// Checks shared by every op that takes an input tensor and a drop probability.
-// `op` names the operator in the message, e.g. "fused_dropout::dropout".
-void check_input_and_p(const char* op, const at::Tensor& input, double p);
+// The argument checks of the ops. `op` names the operator in messages, e.g.
+// "fused_dropout::dropout"; every message names the argument, the expectation and the value.
 
-// Checks the (seed, offset, generator) combination of a random op.
-void check_randomness_args(const char* op, const std::optional<int64_t>& seed, int64_t offset,
-                           const std::optional<at::Generator>& generator);
+// All checks of a random dropout op's arguments (input, p, seed/offset/generator, shared
+// dims, and for the in-place op the target); returns the mask layout.
+MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
+                              int64_t offset, const std::optional<at::Generator>& generator,
+                              at::IntArrayRef shared_dims, bool inplace);
 
-// Checks a saved rng_state tensor against the input it is applied to.
-void check_rng_state(const char* op, const at::Tensor& input, const at::Tensor& rng_state);
+// All checks of dropout_replay's arguments; returns the mask layout.
+MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
+                             at::IntArrayRef shared_dims);
 
-// Checks an in-place target: no two elements may share memory.
-void check_inplace_target(const char* op, const at::Tensor& input);
-
-// Checks dropout_add's tensors: residual of the input's shape, dtype and device; bias, when
-// given, 1-D over the input's last dim.
-void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
-                            const std::optional<at::Tensor>& bias);
+// All checks of dropout_add's arguments.
+void check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
+                            int64_t offset, const std::optional<at::Generator>& generator);
 
 // Checks the arguments of the raw generator op: counter int64[N, 4], key int64[N, 2], same device.
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key);

@@ -10,6 +10,7 @@
 #include "dropout.h"
 
 namespace fused_dropout {
+namespace {
 
 void check_input_and_p(const char* op, const at::Tensor& input, double p) {
   TORCH_CHECK(input.dim() <= kMaxDims, op, ": input may have at most ", kMaxDims, " dims, got ", input.dim());
@@ -60,6 +61,8 @@ void check_dropout_add_args(const char* op, const at::Tensor& input, const at::T
               bias->device());
 }
 
+}  // namespace
+
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
   TORCH_CHECK(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
               "fused_dropout::philox4x32_10: counter must be int64 of shape [N, 4], got ", counter.scalar_type(),
@@ -92,6 +95,30 @@ MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef 
   }
   if (input.numel() == 0) layout.numel = 0;
   return layout;
+}
+
+MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
+                              int64_t offset, const std::optional<at::Generator>& generator,
+                              at::IntArrayRef shared_dims, bool inplace) {
+  check_input_and_p(op, input, p);
+  check_randomness_args(op, seed, offset, generator);
+  if (inplace) check_inplace_target(op, input);
+  return mask_layout(op, input, shared_dims);
+}
+
+MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
+                             at::IntArrayRef shared_dims) {
+  check_input_and_p(op, input, p);
+  check_rng_state(op, input, rng_state);
+  return mask_layout(op, input, shared_dims);
+}
+
+void check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
+                            int64_t offset, const std::optional<at::Generator>& generator) {
+  check_input_and_p(op, input, p);
+  check_dropout_add_args(op, input, residual, bias);
+  check_randomness_args(op, seed, offset, generator);
 }
 
 at::Tensor empty_output_like(const at::Tensor& input) {

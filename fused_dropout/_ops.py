@@ -20,6 +20,12 @@ def _as_int64_bits(value: int) -> int:
     return value - _U64 if value >= (1 << 63) else value
 
 
+def _seed_args(seed: Optional[int], offset: int) -> Tuple[Optional[int], int]:
+    if seed is None:
+        return None, offset
+    return _as_int64_bits(seed), _as_int64_bits(offset)
+
+
 def dropout_op(
     input: torch.Tensor,
     p: float,
@@ -29,9 +35,7 @@ def dropout_op(
     shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(output, rng_state)`` of one fused dropout call."""
-    if seed is not None:
-        seed = _as_int64_bits(seed)
-        offset = _as_int64_bits(offset)
+    seed, offset = _seed_args(seed, offset)
     return _ops.dropout.default(input, p, seed, offset, generator, list(shared_dims))
 
 
@@ -44,9 +48,7 @@ def dropout_inplace_op(
     shared_dims: Sequence[int] = (),
 ) -> torch.Tensor:
     """Dropout applied to ``input`` in place; returns ``rng_state``."""
-    if seed is not None:
-        seed = _as_int64_bits(seed)
-        offset = _as_int64_bits(offset)
+    seed, offset = _seed_args(seed, offset)
     return _ops.dropout_.default(input, p, seed, offset, generator, list(shared_dims))
 
 
@@ -67,9 +69,7 @@ def dropout_add_op(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(residual + dropout(input + bias), rng_state)`` in one pass."""
-    if seed is not None:
-        seed = _as_int64_bits(seed)
-        offset = _as_int64_bits(offset)
+    seed, offset = _seed_args(seed, offset)
     return _ops.dropout_add.default(input, residual, bias, p, seed, offset, generator)
 
 

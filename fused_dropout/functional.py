@@ -133,6 +133,19 @@ def _channel_dropout(input, p, training, inplace, batched, **kwargs):
     return dropout(input, p, training, inplace, shared_dims=tuple(range(first_spatial, input.dim())), **kwargs)
 
 
+def _warn_unusual_dims(name: str, ndim: int, spatial: int) -> None:
+    # torch's deprecation warning for inputs of other ranks, word for word.
+    if ndim not in (spatial + 1, spatial + 2):
+        warnings.warn(
+            f"{name}: Received a {ndim}-D input to {name}, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            f"and silence this warning, please use dropout instead. Note that {name} "
+            f"exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, "
+            f"a channel dimension, and an optional batch dimension (i.e. {spatial + 1}D or {spatial + 2}D inputs).",
+            stacklevel=3,
+        )
+
+
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
     """Channel-wise dropout of ``(N, C, L)`` or ``(C, L)`` inputs: a drop-in for
     :func:`torch.nn.functional.dropout1d`, with the keyword arguments of :func:`dropout`."""
@@ -151,15 +164,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     """Channel-wise dropout of ``(N, C, H, W)`` inputs: a drop-in for
     :func:`torch.nn.functional.dropout2d`, with its shape rules and warnings."""
     _check_p(p)
-    if input.dim() not in (3, 4):
-        warnings.warn(
-            f"dropout2d: Received a {input.dim()}-D input to dropout2d, which is deprecated "
-            "and will result in an error in a future release. To retain the behavior "
-            "and silence this warning, please use dropout instead. Note that dropout2d "
-            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
-            stacklevel=2,
-        )
+    _warn_unusual_dims("dropout2d", input.dim(), spatial=2)
     if input.dim() == 3:
         warnings.warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
@@ -176,15 +181,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     """Channel-wise dropout of ``(N, C, D, H, W)`` or ``(C, D, H, W)`` inputs: a drop-in for
     :func:`torch.nn.functional.dropout3d`, with its shape rules and warnings."""
     _check_p(p)
-    if input.dim() not in (4, 5):
-        warnings.warn(
-            f"dropout3d: Received a {input.dim()}-D input to dropout3d, which is deprecated "
-            "and will result in an error in a future release. To retain the behavior "
-            "and silence this warning, please use dropout instead. Note that dropout3d "
-            "exists to provide channel-wise dropout on inputs with 3 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
-            stacklevel=2,
-        )
+    _warn_unusual_dims("dropout3d", input.dim(), spatial=3)
     return _channel_dropout(input, p, training, inplace, input.dim() == 5, **kwargs)
 
 

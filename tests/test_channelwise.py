@@ -96,11 +96,18 @@ def test_modules_drop_the_same_units_as_torch(fused_cls, torch_cls, shape):
 def test_shape_rules_and_warnings_follow_torch():
     with pytest.raises(RuntimeError, match="dropout1d: Expected 2D or 3D input, but received a 4D input"):
         fused_dropout.dropout1d(torch.randn(2, 3, 4, 5))
-    for fn, ndim in [(fused_dropout.dropout2d, 5), (fused_dropout.dropout3d, 3)]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn(torch.randn([3] * ndim))
-        assert any("which is deprecated" in str(w.message) for w in caught)
+    for ours, theirs, ndim in [
+        (fused_dropout.dropout2d, nn.functional.dropout2d, 5),
+        (fused_dropout.dropout2d, nn.functional.dropout2d, 2),
+        (fused_dropout.dropout3d, nn.functional.dropout3d, 3),
+    ]:
+        messages = []
+        for fn in (ours, theirs):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn(torch.randn([3] * ndim))
+            messages.append([str(w.message) for w in caught])
+        assert messages[0] == messages[1] and "which is deprecated" in messages[0][0]
     with pytest.warns(UserWarning, match="Received a 3D input to dropout2d"):
         y = fused_dropout.dropout2d(torch.ones(4, 6, 10), 0.5)
     assert torch.equal((y != 0).all(-1), (y != 0).any(-1))  # (N, C, L) channel-wise

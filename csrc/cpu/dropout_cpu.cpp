@@ -249,9 +249,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p
                                                int64_t offset, std::optional<at::Generator> generator,
                                                at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
-  check_input_and_p(kOp, input, p);
-  check_randomness_args(kOp, seed, offset, generator);
-  const MaskLayout layout = mask_layout(kOp, input, shared_dims);
+  const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/false);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = empty_output_like(input);
   dispatch_apply(input, output, layout, state, p);
@@ -261,10 +259,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p
 at::Tensor dropout_inplace_cpu(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
                                std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_";
-  check_input_and_p(kOp, input, p);
-  check_randomness_args(kOp, seed, offset, generator);
-  check_inplace_target(kOp, input);
-  const MaskLayout layout = mask_layout(kOp, input, shared_dims);
+  const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/true);
   const RngState state = draw_state(seed, offset, generator);
   dispatch_apply(input, input, layout, state, p);
   return state_tensor(state);
@@ -273,9 +268,7 @@ at::Tensor dropout_inplace_cpu(at::Tensor& input, double p, std::optional<int64_
 at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_state, double p,
                               at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
-  check_input_and_p(kOp, input, p);
-  check_rng_state(kOp, input, rng_state);
-  const MaskLayout layout = mask_layout(kOp, input, shared_dims);
+  const MaskLayout layout = check_replay_call(kOp, input, rng_state, p, shared_dims);
   const at::Tensor s = rng_state.contiguous();
   const RngState state{static_cast<uint64_t>(s.const_data_ptr<int64_t>()[0]),
                        static_cast<uint64_t>(s.const_data_ptr<int64_t>()[1])};
@@ -289,9 +282,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
                                                    std::optional<int64_t> seed, int64_t offset,
                                                    std::optional<at::Generator> generator) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
-  check_input_and_p(kOp, input, p);
-  check_dropout_add_args(kOp, input, residual, bias);
-  check_randomness_args(kOp, seed, offset, generator);
+  check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = empty_output_like(input);
   const at::Tensor bias_or_undefined = bias.has_value() ? *bias : at::Tensor();

@@ -250,9 +250,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double 
                                                 int64_t offset, std::optional<at::Generator> generator,
                                                 at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
-  check_input_and_p(kOp, input, p);
-  check_randomness_args(kOp, seed, offset, generator);
-  const MaskLayout mask = mask_layout(kOp, input, shared_dims);
+  const MaskLayout mask = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/false);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
@@ -264,10 +262,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double 
 at::Tensor dropout_inplace_cuda(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
                                 std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_";
-  check_input_and_p(kOp, input, p);
-  check_randomness_args(kOp, seed, offset, generator);
-  check_inplace_target(kOp, input);
-  const MaskLayout mask = mask_layout(kOp, input, shared_dims);
+  const MaskLayout mask = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/true);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor rng_state = new_state_tensor(input);
   const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
@@ -278,9 +273,7 @@ at::Tensor dropout_inplace_cuda(at::Tensor& input, double p, std::optional<int64
 at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p,
                                at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
-  check_input_and_p(kOp, input, p);
-  check_rng_state(kOp, input, rng_state);
-  const MaskLayout mask = mask_layout(kOp, input, shared_dims);
+  const MaskLayout mask = check_replay_call(kOp, input, rng_state, p, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
   at::Tensor output = empty_output_like(input);
@@ -294,9 +287,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
                                                     std::optional<int64_t> seed, int64_t offset,
                                                     std::optional<at::Generator> generator) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
-  check_input_and_p(kOp, input, p);
-  check_dropout_add_args(kOp, input, residual, bias);
-  check_randomness_args(kOp, seed, offset, generator);
+  check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
