@@ -217,3 +217,20 @@ def test_compiled_graph_never_merges_two_calls():
         return fused_dropout.dropout(x, 0.5) - fused_dropout.dropout(x, 0.5)
 
     assert (twice(torch.ones(4096)) != 0).any()
+
+
+def test_torch_compile_fullgraph_with_inplace_dropout():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), FusedDropout(0.5, inplace=True))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 8)
+    results = []
+    for fn in (model, compiled):
+        torch.manual_seed(1)
+        model.zero_grad()
+        out = fn(x)
+        out.sum().backward()
+        results.append((out.detach(), model[0].weight.grad.clone()))
+    for eager, compiled_result in zip(*results):
+        assert torch.equal(eager, compiled_result)
