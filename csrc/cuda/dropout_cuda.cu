@@ -137,9 +137,61 @@ __global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
   }
 }
 
-// residual + dropout(input + bias): each thread takes four consecutive logical indices (one
-// Philox call). Row-major operands use the logical index as the memory index; otherwise it
-// is mapped to each operand's offsets.
+// residual + dropout(input + bias), row-major operands: the dropout kernel's steps (16-byte
+// loads and stores of input, residual and output where all three are aligned), with the
+// bias column tracked per step rather than divided out per element.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads) dropout_add_contiguous_kernel(
+    const scalar_t* in, const scalar_t* res, const scalar_t* bias, scalar_t* out, int64_t numel, int64_t last_size,
+    StateSource src, OutputRule<scalar_t> op) {
+  constexpr int kStep = step_elems<scalar_t>();
+  using V = Vec<scalar_t, kStep>;
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t steps = (numel + kStep - 1) / kStep;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < steps; s += stride) {
+    const int64_t first = s * kStep;
+    const bool full = first + kStep <= numel;
+    V x, r;
+    if (kAligned && full) {
+      x = *reinterpret_cast<const V*>(in + first);
+      r = *reinterpret_cast<const V*>(res + first);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) {
+        x.v[j] = first + j < numel ? in[first + j] : scalar_t(0);
+        r.v[j] = first + j < numel ? res[first + j] : scalar_t(0);
+      }
+    }
+    if (bias != nullptr) {
+      int64_t column = first % last_size;
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) {
+        x.v[j] = OutputRule<scalar_t>::plus_bias(x.v[j], bias[column]);
+        column = column + 1 == last_size ? 0 : column + 1;
+      }
+    }
+    V y;
+#pragma unroll
+    for (int g = 0; g < kStep / 4; ++g) {
+      const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) y.v[4 * g + j] = op.add_to(r.v[4 * g + j], x.v[4 * g + j], w.w[j]);
+    }
+    if (kAligned && full) {
+      *reinterpret_cast<V*>(out + first) = y;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kStep; ++j) {
+        if (first + j < numel) out[first + j] = y.v[j];
+      }
+    }
+  }
+}
+
+// residual + dropout(input + bias), any other layout: each thread maps four consecutive
+// logical indices (one Philox call) to the operands' offsets.
 struct AddLayout {
   int ndim;
   int64_t sizes[kMaxDims];
@@ -148,8 +200,8 @@ struct AddLayout {
   int64_t out_strides[kMaxDims];
 };
 
-template <typename scalar_t, bool kRowMajor>
-__global__ void __launch_bounds__(kThreads) dropout_add_kernel(
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) dropout_add_strided_kernel(
     const scalar_t* in, const scalar_t* res, const scalar_t* bias, scalar_t* out, int64_t numel, int64_t last_size,
     AddLayout layout, StateSource src, OutputRule<scalar_t> op) {
   uint64_t seed, base;
@@ -162,17 +214,14 @@ __global__ void __launch_bounds__(kThreads) dropout_add_kernel(
     for (int j = 0; j < 4; ++j) {
       const int64_t linear = q * 4 + j;
       if (linear >= numel) break;
-      int64_t in_offset = linear, res_offset = linear, out_offset = linear;
-      if (!kRowMajor) {
-        in_offset = res_offset = out_offset = 0;
-        int64_t rest = linear;
-        for (int d = layout.ndim - 1; d >= 0; --d) {
-          const int64_t index = rest % layout.sizes[d];
-          rest /= layout.sizes[d];
-          in_offset += index * layout.in_strides[d];
-          res_offset += index * layout.res_strides[d];
-          out_offset += index * layout.out_strides[d];
-        }
+      int64_t in_offset = 0, res_offset = 0, out_offset = 0;
+      int64_t rest = linear;
+      for (int d = layout.ndim - 1; d >= 0; --d) {
+        const int64_t index = rest % layout.sizes[d];
+        rest /= layout.sizes[d];
+        in_offset += index * layout.in_strides[d];
+        res_offset += index * layout.res_strides[d];
+        out_offset += index * layout.out_strides[d];
       }
       scalar_t x = in[in_offset];
       if (bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, bias[linear % last_size]);
@@ -297,29 +346,41 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
   const int64_t numel = input.numel();
   const int64_t last_size = input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1;
   const bool row_major = input.is_contiguous() && residual.is_contiguous() && output.is_contiguous();
-  AddLayout layout{};
-  layout.ndim = static_cast<int>(input.dim());
-  for (int d = 0; d < layout.ndim; ++d) {
-    layout.sizes[d] = input.size(d);
-    layout.in_strides[d] = input.stride(d);
-    layout.res_strides[d] = residual.stride(d);
-    layout.out_strides[d] = output.stride(d);
-  }
-  const int grid = grid_for((numel + 3) / 4);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
     const auto op = OutputRule<scalar_t>::for_p(p);
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* res = residual.const_data_ptr<scalar_t>();
     const scalar_t* b = bias_contiguous.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
     if (row_major) {
-      dropout_add_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), b,
-          output.mutable_data_ptr<scalar_t>(), numel, last_size, layout, src, op);
+      constexpr int kStep = step_elems<scalar_t>();
+      constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
+      const bool aligned = reinterpret_cast<uintptr_t>(in) % kAlign == 0 &&
+                           reinterpret_cast<uintptr_t>(res) % kAlign == 0 &&
+                           reinterpret_cast<uintptr_t>(out) % kAlign == 0;
+      const int grid = grid_for((numel + kStep - 1) / kStep);
+      if (aligned) {
+        dropout_add_contiguous_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(in, res, b, out, numel, last_size,
+                                                                                    src, op);
+      } else {
+        dropout_add_contiguous_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(in, res, b, out, numel,
+                                                                                     last_size, src, op);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      dropout_add_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), b,
-          output.mutable_data_ptr<scalar_t>(), numel, last_size, layout, src, op);
+      AddLayout layout{};
+      layout.ndim = static_cast<int>(input.dim());
+      for (int d = 0; d < layout.ndim; ++d) {
+        layout.sizes[d] = input.size(d);
+        layout.in_strides[d] = input.stride(d);
+        layout.res_strides[d] = residual.stride(d);
+        layout.out_strides[d] = output.stride(d);
+      }
+      dropout_add_strided_kernel<scalar_t><<<grid_for((numel + 3) / 4), kThreads, 0, stream>>>(
+          in, res, b, out, numel, last_size, layout, src, op);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {output, rng_state};
 }
