@@ -99,45 +99,66 @@ struct StridedWalk {
   }
 };
 
-// Operand order of the dropout walks.
-constexpr int kIn = 0, kOut = 1, kMask = 2;
+// Operand order of the walks: input, output, mask index, and residual for dropout_add.
+constexpr int kIn = 0, kOut = 1, kMask = 2, kRes = 3;
 
-StridedWalk<3> dropout_walk(const at::Tensor& input, const at::Tensor& output, const MaskLayout& layout) {
-  return {input.dim(), input.sizes().data(), {input.strides().data(), output.strides().data(), layout.strides.data()}};
+StridedWalk<4> operand_walk(const at::Tensor& input, const at::Tensor& output, const MaskLayout& layout,
+                            const at::Tensor& residual) {
+  const int64_t* res_strides = residual.defined() ? residual.strides().data() : input.strides().data();
+  return {input.dim(), input.sizes().data(),
+          {input.strides().data(), output.strides().data(), layout.strides.data(), res_strides}};
 }
 
-// Full mask: the mask index is the logical index, so random words come in batches.
-template <typename scalar_t>
-void apply_full_mask(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
-                     const OutputRule<scalar_t>& op) {
+// Full mask: the mask index is the logical index, so random words come in batches. With
+// kAdd it computes residual + dropout(input + bias) instead (bias optional, along the last
+// dim); plain dropout passes undefined residual and bias.
+template <typename scalar_t, bool kAdd>
+void apply_full_mask(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
+                     const MaskLayout& layout, RngState state, const OutputRule<scalar_t>& op) {
   const int64_t numel = input.numel();
   const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* res = kAdd ? residual.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b = kAdd && bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  const bool row_major = input.is_contiguous() && output.is_contiguous();
+  const bool row_major = input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous());
+  const int64_t last_dim = input.dim() - 1;  // where the bias runs
+  const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
   const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
-    StridedWalk<3> walk = dropout_walk(input, output, layout);
+    StridedWalk<4> walk = operand_walk(input, output, layout, residual);
     if (!row_major) walk.seek(group_begin * 4);
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
       loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
       const int64_t first = g * 4;
       const int64_t count = std::min(batch * 4, numel - first);
-      if (row_major) {
-        const scalar_t* x = in + first;
-        scalar_t* y = out + first;
+      if (row_major && !kAdd) {
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (loops.apply_float != nullptr) {
-            loops.apply_float(x, y, words, count, op);
+            loops.apply_float(in + first, out + first, words, count, op);
             continue;
           }
         }
-        for (int64_t i = 0; i < count; ++i) y[i] = op(x[i], words[i]);
+        for (int64_t i = 0; i < count; ++i) out[first + i] = op(in[first + i], words[i]);
+      } else if (row_major) {
+        int64_t column = first % last_size;
+        for (int64_t i = 0; i < count; ++i) {
+          scalar_t x = in[first + i];
+          if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[column]);
+          out[first + i] = op.add_to(res[first + i], x, words[i]);
+          if (++column == last_size) column = 0;
+        }
       } else {
         for (int64_t i = 0; i < count; ++i) {
-          out[walk.offset[kOut]] = op(in[walk.offset[kIn]], words[i]);
+          if constexpr (kAdd) {
+            scalar_t x = in[walk.offset[kIn]];
+            if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[walk.index[last_dim]]);
+            out[walk.offset[kOut]] = op.add_to(res[walk.offset[kRes]], x, words[i]);
+          } else {
+            out[walk.offset[kOut]] = op(in[walk.offset[kIn]], words[i]);
+          }
           walk.next();
         }
       }
@@ -154,7 +175,7 @@ void apply_shared_mask(const at::Tensor& input, at::Tensor& output, const MaskLa
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, input.numel(), kGrainGroups * 4, [&](int64_t begin, int64_t end) {
-    StridedWalk<3> walk = dropout_walk(input, output, layout);
+    StridedWalk<4> walk = operand_walk(input, output, layout, at::Tensor());
     walk.seek(begin);
     int64_t cached_group = -1;
     PhiloxWords words{};
@@ -178,54 +199,7 @@ void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayou
     if (layout.shared) {
       apply_shared_mask<scalar_t>(input, output, layout, state, op);
     } else {
-      apply_full_mask<scalar_t>(input, output, layout, state, op);
-    }
-  });
-}
-
-// residual + dropout(input + bias): the full-mask structure with two more operands.
-template <typename scalar_t>
-void apply_dropout_add(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias,
-                       at::Tensor& output, RngState state, double p) {
-  const int64_t numel = input.numel();
-  if (numel == 0) return;
-  const auto op = OutputRule<scalar_t>::for_p(p);
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
-  const scalar_t* res = residual.const_data_ptr<scalar_t>();
-  const at::Tensor bias_contiguous = bias.defined() ? bias.contiguous() : at::Tensor();
-  const scalar_t* b = bias.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  const int64_t last_dim = input.dim() - 1;  // bias runs along it
-  const bool row_major = input.is_contiguous() && residual.is_contiguous() && output.is_contiguous();
-  const int64_t groups = static_cast<int64_t>(counters_for(numel));
-  const InnerLoops& loops = InnerLoops::get();
-  at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
-    alignas(64) uint32_t words[4 * kBatchGroups];
-    StridedWalk<3> walk{input.dim(), input.sizes().data(),
-                        {input.strides().data(), residual.strides().data(), output.strides().data()}};
-    if (!row_major) walk.seek(group_begin * 4);
-    const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
-    for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
-      const int64_t batch = std::min(kBatchGroups, group_end - g);
-      loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
-      const int64_t first = g * 4;
-      const int64_t count = std::min(batch * 4, numel - first);
-      if (row_major) {
-        int64_t column = first % last_size;  // index along the last dim, where the bias runs
-        for (int64_t i = 0; i < count; ++i) {
-          scalar_t x = in[first + i];
-          if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[column]);
-          out[first + i] = op.add_to(res[first + i], x, words[i]);
-          if (++column == last_size) column = 0;
-        }
-      } else {
-        for (int64_t i = 0; i < count; ++i) {
-          scalar_t x = in[walk.offset[0]];
-          if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[walk.index[last_dim]]);
-          out[walk.offset[2]] = op.add_to(res[walk.offset[1]], x, words[i]);
-          walk.next();
-        }
-      }
+      apply_full_mask<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, op);
     }
   });
 }
@@ -285,9 +259,12 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
   check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = empty_output_like(input);
-  const at::Tensor bias_or_undefined = bias.has_value() ? *bias : at::Tensor();
+  const MaskLayout layout = mask_layout(kOp, input, {});
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  if (input.numel() == 0) return {output, state_tensor(state)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
-    apply_dropout_add<scalar_t>(input, residual, bias_or_undefined, output, state, p);
+    apply_full_mask<scalar_t, true>(input, residual, bias_contiguous, output, layout, state,
+                                    OutputRule<scalar_t>::for_p(p));
   });
   return {output, state_tensor(state)};
 }

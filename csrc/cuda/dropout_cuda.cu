@@ -58,96 +58,28 @@ struct alignas(sizeof(scalar_t) * N) Vec {
   scalar_t v[N];
 };
 
-// Row-major input and output: the logical index is the memory index.
-template <typename scalar_t, bool kAligned>
-__global__ void __launch_bounds__(kThreads) dropout_contiguous_kernel(
-    const scalar_t* in, scalar_t* out, int64_t numel, StateSource src, OutputRule<scalar_t> op) {
-  constexpr int kStep = step_elems<scalar_t>();
-  uint64_t seed, base;
-  resolve_state(src, seed, base);
-  const int64_t steps = (numel + kStep - 1) / kStep;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < steps; s += stride) {
-    const int64_t first = s * kStep;
-    Vec<scalar_t, kStep> x;
-    const bool full = first + kStep <= numel;
-    if (kAligned && full) {
-      x = *reinterpret_cast<const Vec<scalar_t, kStep>*>(in + first);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) x.v[j] = first + j < numel ? in[first + j] : scalar_t(0);
-    }
-    Vec<scalar_t, kStep> y;
-#pragma unroll
-    for (int g = 0; g < kStep / 4; ++g) {
-      const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) y.v[4 * g + j] = op(x.v[4 * g + j], w.w[j]);
-    }
-    if (kAligned && full) {
-      *reinterpret_cast<Vec<scalar_t, kStep>*>(out + first) = y;
-    } else {
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) {
-        if (first + j < numel) out[first + j] = y.v[j];
-      }
-    }
-  }
-}
-
-// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims: each
-// thread maps four consecutive logical indices to memory offsets and mask indices, and
-// keeps the Philox group it computed last (a shared mask value, or the next three words).
-struct StridedLayout {
-  int ndim;
-  int64_t sizes[kMaxDims];
-  int64_t in_strides[kMaxDims];
-  int64_t out_strides[kMaxDims];
-  int64_t mask_strides[kMaxDims];
+// The operands of one call. Plain dropout reads `in`; with kAdd the kernels compute
+// residual + dropout(in + bias) instead, bias (optional) running along the last dim.
+template <typename scalar_t>
+struct Operands {
+  const scalar_t* in;
+  const scalar_t* res;   // kAdd only
+  const scalar_t* bias;  // kAdd only; may be null
+  scalar_t* out;
+  int64_t numel;
+  int64_t last_size;     // size of the last dim, where the bias runs
 };
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) dropout_strided_kernel(
-    const scalar_t* in, scalar_t* out, int64_t numel, StridedLayout layout, StateSource src, OutputRule<scalar_t> op) {
-  uint64_t seed, base;
-  resolve_state(src, seed, base);
-  const int64_t quads = (numel + 3) / 4;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < quads; q += stride) {
-    int64_t cached_group = -1;
-    PhiloxWords w{};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      int64_t linear = q * 4 + j;
-      if (linear >= numel) break;
-      int64_t in_offset = 0, out_offset = 0, mask_index = 0;
-      for (int d = layout.ndim - 1; d >= 0; --d) {
-        const int64_t index = linear % layout.sizes[d];
-        linear /= layout.sizes[d];
-        in_offset += index * layout.in_strides[d];
-        out_offset += index * layout.out_strides[d];
-        mask_index += index * layout.mask_strides[d];
-      }
-      if ((mask_index >> 2) != cached_group) {
-        cached_group = mask_index >> 2;
-        w = mask_words(seed, base, static_cast<uint64_t>(cached_group));
-      }
-      out[out_offset] = op(in[in_offset], w.w[mask_index & 3]);
-    }
-  }
-}
-
-// residual + dropout(input + bias), row-major operands: the dropout kernel's steps (16-byte
-// loads and stores of input, residual and output where all three are aligned), with the
-// bias column tracked per step rather than divided out per element.
-template <typename scalar_t, bool kAligned>
-__global__ void __launch_bounds__(kThreads) dropout_add_contiguous_kernel(
-    const scalar_t* in, const scalar_t* res, const scalar_t* bias, scalar_t* out, int64_t numel, int64_t last_size,
-    StateSource src, OutputRule<scalar_t> op) {
+// Row-major operands: the logical index is the memory index, and each step is one or two
+// 16-byte loads and stores per operand where all of them are aligned.
+template <typename scalar_t, bool kAligned, bool kAdd>
+__global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src,
+                                                              OutputRule<scalar_t> rule) {
   constexpr int kStep = step_elems<scalar_t>();
   using V = Vec<scalar_t, kStep>;
   uint64_t seed, base;
   resolve_state(src, seed, base);
+  const int64_t numel = ops.numel;
   const int64_t steps = (numel + kStep - 1) / kStep;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < steps; s += stride) {
@@ -155,21 +87,21 @@ __global__ void __launch_bounds__(kThreads) dropout_add_contiguous_kernel(
     const bool full = first + kStep <= numel;
     V x, r;
     if (kAligned && full) {
-      x = *reinterpret_cast<const V*>(in + first);
-      r = *reinterpret_cast<const V*>(res + first);
+      x = *reinterpret_cast<const V*>(ops.in + first);
+      if (kAdd) r = *reinterpret_cast<const V*>(ops.res + first);
     } else {
 #pragma unroll
       for (int j = 0; j < kStep; ++j) {
-        x.v[j] = first + j < numel ? in[first + j] : scalar_t(0);
-        r.v[j] = first + j < numel ? res[first + j] : scalar_t(0);
+        x.v[j] = first + j < numel ? ops.in[first + j] : scalar_t(0);
+        if (kAdd) r.v[j] = first + j < numel ? ops.res[first + j] : scalar_t(0);
       }
     }
-    if (bias != nullptr) {
-      int64_t column = first % last_size;
+    if (kAdd && ops.bias != nullptr) {
+      int64_t column = first % ops.last_size;  // one division per step, not per element
 #pragma unroll
       for (int j = 0; j < kStep; ++j) {
-        x.v[j] = OutputRule<scalar_t>::plus_bias(x.v[j], bias[column]);
-        column = column + 1 == last_size ? 0 : column + 1;
+        x.v[j] = OutputRule<scalar_t>::plus_bias(x.v[j], ops.bias[column]);
+        column = column + 1 == ops.last_size ? 0 : column + 1;
       }
     }
     V y;
@@ -177,55 +109,69 @@ __global__ void __launch_bounds__(kThreads) dropout_add_contiguous_kernel(
     for (int g = 0; g < kStep / 4; ++g) {
       const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) y.v[4 * g + j] = op.add_to(r.v[4 * g + j], x.v[4 * g + j], w.w[j]);
+      for (int j = 0; j < 4; ++j) {
+        const int k = 4 * g + j;
+        y.v[k] = kAdd ? rule.add_to(r.v[k], x.v[k], w.w[j]) : rule(x.v[k], w.w[j]);
+      }
     }
     if (kAligned && full) {
-      *reinterpret_cast<V*>(out + first) = y;
+      *reinterpret_cast<V*>(ops.out + first) = y;
     } else {
 #pragma unroll
       for (int j = 0; j < kStep; ++j) {
-        if (first + j < numel) out[first + j] = y.v[j];
+        if (first + j < numel) ops.out[first + j] = y.v[j];
       }
     }
   }
 }
 
-// residual + dropout(input + bias), any other layout: each thread maps four consecutive
-// logical indices (one Philox call) to the operands' offsets.
-struct AddLayout {
+// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims: each
+// thread maps four consecutive logical indices to the operands' offsets and the mask index,
+// and keeps the Philox group it computed last (a shared mask value, or the next words).
+struct StridedLayout {
   int ndim;
   int64_t sizes[kMaxDims];
   int64_t in_strides[kMaxDims];
-  int64_t res_strides[kMaxDims];
+  int64_t res_strides[kMaxDims];  // kAdd only
   int64_t out_strides[kMaxDims];
+  int64_t mask_strides[kMaxDims];
 };
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) dropout_add_strided_kernel(
-    const scalar_t* in, const scalar_t* res, const scalar_t* bias, scalar_t* out, int64_t numel, int64_t last_size,
-    AddLayout layout, StateSource src, OutputRule<scalar_t> op) {
+template <typename scalar_t, bool kAdd>
+__global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> ops, StridedLayout layout,
+                                                           StateSource src, OutputRule<scalar_t> rule) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
-  const int64_t quads = (numel + 3) / 4;
+  const int64_t quads = (ops.numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < quads; q += stride) {
-    const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(q));
+    int64_t cached_group = -1;
+    PhiloxWords w{};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t linear = q * 4 + j;
-      if (linear >= numel) break;
-      int64_t in_offset = 0, res_offset = 0, out_offset = 0;
-      int64_t rest = linear;
+      if (linear >= ops.numel) break;
+      int64_t rest = linear, in_offset = 0, res_offset = 0, out_offset = 0, mask_index = 0;
       for (int d = layout.ndim - 1; d >= 0; --d) {
         const int64_t index = rest % layout.sizes[d];
         rest /= layout.sizes[d];
         in_offset += index * layout.in_strides[d];
-        res_offset += index * layout.res_strides[d];
+        if (kAdd) res_offset += index * layout.res_strides[d];
         out_offset += index * layout.out_strides[d];
+        mask_index += index * layout.mask_strides[d];
       }
-      scalar_t x = in[in_offset];
-      if (bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, bias[linear % last_size]);
-      out[out_offset] = op.add_to(res[res_offset], x, w.w[j]);
+      if ((mask_index >> 2) != cached_group) {
+        cached_group = mask_index >> 2;
+        w = mask_words(seed, base, static_cast<uint64_t>(cached_group));
+      }
+      const uint32_t word = w.w[mask_index & 3];
+      if (kAdd) {
+        scalar_t x = ops.in[in_offset];
+        if (ops.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, ops.bias[linear % ops.last_size]);
+        ops.out[out_offset] = rule.add_to(ops.res[res_offset], x, word);
+      } else {
+        ops.out[out_offset] = rule(ops.in[in_offset], word);
+      }
     }
   }
 }
@@ -239,24 +185,29 @@ int grid_for(int64_t work_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min(needed, max_blocks)));
 }
 
-template <typename scalar_t>
-void launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask, const StateSource& src,
-            double p_drop) {
-  const int64_t numel = input.numel();
-  const auto op = OutputRule<scalar_t>::for_p(p_drop);
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
-  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+// Launches the kernel for the operands' layout; `residual` and `bias` are undefined for
+// plain dropout. Launched even for an empty tensor, so the kernel still records rng_state.
+template <typename scalar_t, bool kAdd>
+void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
+            const MaskLayout& mask, const StateSource& src, double p_drop) {
+  const auto rule = OutputRule<scalar_t>::for_p(p_drop);
+  const Operands<scalar_t> ops{input.const_data_ptr<scalar_t>(),
+                               kAdd ? residual.const_data_ptr<scalar_t>() : nullptr,
+                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                               output.mutable_data_ptr<scalar_t>(), input.numel(),
+                               input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // Launched even for an empty tensor, so the kernel still records rng_state.
-  if (!mask.shared && input.is_contiguous() && output.is_contiguous()) {
+  const bool row_major = !mask.shared && input.is_contiguous() && output.is_contiguous() &&
+                         (!kAdd || residual.is_contiguous());
+  if (row_major) {
     constexpr int kStep = step_elems<scalar_t>();
-    const int grid = grid_for((numel + kStep - 1) / kStep);
     constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
-    const bool aligned = reinterpret_cast<uintptr_t>(in) % kAlign == 0 && reinterpret_cast<uintptr_t>(out) % kAlign == 0;
-    if (aligned) {
-      dropout_contiguous_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(in, out, numel, src, op);
+    const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
+    const int grid = grid_for((ops.numel + kStep - 1) / kStep);
+    if (aligned(ops.in) && aligned(ops.out) && (!kAdd || aligned(ops.res))) {
+      contiguous_kernel<scalar_t, true, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
     } else {
-      dropout_contiguous_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(in, out, numel, src, op);
+      contiguous_kernel<scalar_t, false, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -265,10 +216,11 @@ void launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask,
     for (int d = 0; d < layout.ndim; ++d) {
       layout.sizes[d] = input.size(d);
       layout.in_strides[d] = input.stride(d);
+      layout.res_strides[d] = kAdd ? residual.stride(d) : 0;
       layout.out_strides[d] = output.stride(d);
       layout.mask_strides[d] = mask.strides[d];
     }
-    dropout_strided_kernel<scalar_t><<<grid_for((numel + 3) / 4), kThreads, 0, stream>>>(in, out, numel, layout, src, op);
+    strided_kernel<scalar_t, kAdd><<<grid_for((ops.numel + 3) / 4), kThreads, 0, stream>>>(ops, layout, src, rule);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -276,7 +228,7 @@ void launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask,
 void dispatch_launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask, const StateSource& src,
                      double p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
-    launch<scalar_t>(input, output, mask, src, p);
+    launch<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, mask, src, p);
   });
 }
 
@@ -343,44 +295,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
   const MaskLayout mask = mask_layout(kOp, input, {});
   const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const int64_t numel = input.numel();
-  const int64_t last_size = input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1;
-  const bool row_major = input.is_contiguous() && residual.is_contiguous() && output.is_contiguous();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
-    const auto op = OutputRule<scalar_t>::for_p(p);
-    const scalar_t* in = input.const_data_ptr<scalar_t>();
-    const scalar_t* res = residual.const_data_ptr<scalar_t>();
-    const scalar_t* b = bias_contiguous.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    if (row_major) {
-      constexpr int kStep = step_elems<scalar_t>();
-      constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
-      const bool aligned = reinterpret_cast<uintptr_t>(in) % kAlign == 0 &&
-                           reinterpret_cast<uintptr_t>(res) % kAlign == 0 &&
-                           reinterpret_cast<uintptr_t>(out) % kAlign == 0;
-      const int grid = grid_for((numel + kStep - 1) / kStep);
-      if (aligned) {
-        dropout_add_contiguous_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(in, res, b, out, numel, last_size,
-                                                                                    src, op);
-      } else {
-        dropout_add_contiguous_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(in, res, b, out, numel,
-                                                                                     last_size, src, op);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      AddLayout layout{};
-      layout.ndim = static_cast<int>(input.dim());
-      for (int d = 0; d < layout.ndim; ++d) {
-        layout.sizes[d] = input.size(d);
-        layout.in_strides[d] = input.stride(d);
-        layout.res_strides[d] = residual.stride(d);
-        layout.out_strides[d] = output.stride(d);
-      }
-      dropout_add_strided_kernel<scalar_t><<<grid_for((numel + 3) / 4), kThreads, 0, stream>>>(
-          in, res, b, out, numel, last_size, layout, src, op);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    launch<scalar_t, true>(input, residual, bias_contiguous, output, mask, src, p);
   });
   return {output, rng_state};
 }
