@@ -147,16 +147,19 @@ def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
 
 
 @pytest.mark.parametrize("disable_avx512", ["0", "1"])
-def test_cpu_word_generators_agree_with_reference(disable_avx512):
-    # The CPU kernel picks AVX-512 lanes where the CPU has them, else a portable loop; run
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cpu_inner_loops_agree_with_reference(disable_avx512, dtype):
+    # The CPU kernel picks AVX-512 loops where the CPU has them, else portable ones; run
     # each in a fresh process, since the choice is made once per process.
+    numel = 4 * 8192 * 2 + 77
     script = (
         "import torch, fused_dropout, sys\n"
-        "x = torch.ones(4 * 8192 * 2 + 77)\n"
+        f"x = torch.randn({numel}, generator=torch.Generator().manual_seed(5)).to(torch.{dtype})\n"
         "y = fused_dropout.dropout(x, 0.5, seed=2**63 + 1, offset=2**32 - 40)\n"
-        "sys.stdout.write(''.join('1' if v else '0' for v in (y != 0).tolist()))\n"
+        "sys.stdout.write(y.view(torch.uint8).numpy().tobytes().hex())\n"
     )
     env = dict(os.environ, FUSED_DROPOUT_DISABLE_AVX512=disable_avx512)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    expected = reference.keep_range(0, 4 * 8192 * 2 + 77, 0.5, 2**63 + 1, 2**32 - 40)
-    assert result.stdout == "".join("1" if v else "0" for v in expected)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(5)).to(getattr(torch, dtype))
+    expected = reference.dropout(x, 0.5, 2**63 + 1, 2**32 - 40)
+    assert result.stdout == expected.view(torch.uint8).numpy().tobytes().hex()

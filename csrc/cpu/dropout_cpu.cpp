@@ -46,6 +46,7 @@ constexpr int64_t kGrainGroups = 8192;
 struct InnerLoops {
   FillWordsFn fill_words = &fill_mask_words;
   ApplyFloatFn apply_float = nullptr;  // nullptr: the generic loop
+  ApplyHalfFn apply_half = nullptr;
 
   static const InnerLoops& get() {
     static const InnerLoops loops = [] {
@@ -53,9 +54,10 @@ struct InnerLoops {
 #ifdef FUSED_DROPOUT_HAVE_AVX512
       const char* disable = std::getenv("FUSED_DROPOUT_DISABLE_AVX512");
       const bool disabled = disable != nullptr && std::string(disable) == "1";
-      if (!disabled && __builtin_cpu_supports("avx512f")) {
+      if (!disabled && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) {
         picked.fill_words = &fill_mask_words_avx512;
         picked.apply_float = &apply_float_avx512;
+        picked.apply_half = &apply_half_avx512;
       }
 #endif
       return picked;
@@ -138,6 +140,13 @@ void apply_full_mask(const at::Tensor& input, const at::Tensor& residual, const 
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (loops.apply_float != nullptr) {
             loops.apply_float(in + first, out + first, words, count, op);
+            continue;
+          }
+        }
+        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+          if (loops.apply_half != nullptr) {
+            loops.apply_half(reinterpret_cast<const uint16_t*>(in + first), reinterpret_cast<uint16_t*>(out + first),
+                             words, count, op.keep, op.scale);
             continue;
           }
         }
