@@ -48,7 +48,6 @@ def pip_cuda_include_dirs():
     may lack but torch's pip dependencies ship under nvidia/*/include."""
     dirs = []
     for entry in sys.path:
-        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
         dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
     return sorted({str(Path(d).resolve()) for d in dirs if os.path.isdir(d)})
 

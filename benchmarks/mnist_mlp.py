@@ -316,9 +316,9 @@ def main(argv=None):
     try:
         # One rank prepares (or downloads) the files while the others wait, then all read them.
         if dist.main:
-            mnist_data.load_mnist(args.data_root, args.download)
+            mnist_data.prepare(args.data_root, args.download)
         dist.barrier()
-        train_images, train_labels, test_images, test_labels = mnist_data.load_mnist(args.data_root, download=False)
+        train_images, train_labels, test_images, test_labels = mnist_data.load_mnist(args.data_root)
     except mnist_data.MnistDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

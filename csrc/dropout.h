@@ -33,10 +33,6 @@ struct MaskLayout {
   std::array<int64_t, kMaxDims> strides{};
 };
 
-// The mask layout of `input` for the given shared dims (negative dims count from the end);
-// checks that each dim is in range and named once.
-MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims);
-
 // The argument checks of the ops. `op` names the operator in messages, e.g.
 // "fused_dropout::dropout"; every message names the argument, the expectation and the value.
 
@@ -50,8 +46,8 @@ MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p,
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
                              at::IntArrayRef shared_dims);
 
-// All checks of dropout_add's arguments.
-void check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
+// All checks of dropout_add's arguments; returns the (full) mask layout.
+MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
                             const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
                             int64_t offset, const std::optional<at::Generator>& generator);
 

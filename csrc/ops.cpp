@@ -74,6 +74,10 @@ void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
               counter.device(), ", got ", key.device());
 }
 
+namespace {
+
+// The mask layout of `input` for the given shared dims (negative dims count from the end);
+// checks that each dim is in range and named once.
 MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims) {
   const int64_t ndim = input.dim();
   std::array<bool, kMaxDims> is_shared{};
@@ -97,6 +101,8 @@ MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef 
   return layout;
 }
 
+}  // namespace
+
 MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
                               int64_t offset, const std::optional<at::Generator>& generator,
                               at::IntArrayRef shared_dims, bool inplace) {
@@ -113,12 +119,13 @@ MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::
   return mask_layout(op, input, shared_dims);
 }
 
-void check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
-                            const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
-                            int64_t offset, const std::optional<at::Generator>& generator) {
+MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                                  const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
+                                  int64_t offset, const std::optional<at::Generator>& generator) {
   check_input_and_p(op, input, p);
   check_dropout_add_args(op, input, residual, bias);
   check_randomness_args(op, seed, offset, generator);
+  return mask_layout(op, input, {});
 }
 
 at::Tensor empty_output_like(const at::Tensor& input) {

@@ -265,10 +265,9 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
                                                    std::optional<int64_t> seed, int64_t offset,
                                                    std::optional<at::Generator> generator) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
-  check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
+  const MaskLayout layout = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = empty_output_like(input);
-  const MaskLayout layout = mask_layout(kOp, input, {});
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   if (input.numel() == 0) return {output, state_tensor(state)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {

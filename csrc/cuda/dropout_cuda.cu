@@ -288,11 +288,10 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
                                                     std::optional<int64_t> seed, int64_t offset,
                                                     std::optional<at::Generator> generator) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
-  check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
+  const MaskLayout mask = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  const MaskLayout mask = mask_layout(kOp, input, {});
   const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
