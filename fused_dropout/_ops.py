@@ -2,7 +2,9 @@
 
 The forward op returns the output and ``rng_state`` (int64[2]: seed, base). Backward calls
 ``dropout_replay``, which regenerates the same mask from ``rng_state``; that is all that is
-saved, so dropout's backward (and its double backward) costs no mask memory.
+saved, so dropout's backward (and its double backward) costs no mask memory. The
+autograd formulas live in C++ (``csrc/autograd.cpp``), so a training step pays no Python
+per dropout call beyond these wrappers.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -104,56 +106,9 @@ def _philox_fake(counter, key):
     return torch.empty_like(counter, memory_format=torch.contiguous_format)
 
 
-# Autograd: d(output)/d(input) is the same mask and scale, regenerated from rng_state.
-def _dropout_setup_context(ctx, inputs, output):
-    ctx.p, ctx.shared_dims = inputs[1], inputs[5]
-    ctx.save_for_backward(output[1])
-
-
-def _dropout_backward(ctx, grad_output, grad_rng_state):
-    (rng_state,) = ctx.saved_tensors
-    return dropout_replay_op(grad_output, rng_state, ctx.p, ctx.shared_dims), None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fused_dropout::dropout", _dropout_backward, setup_context=_dropout_setup_context
-)
-
-
-def _replay_setup_context(ctx, inputs, output):
-    ctx.p, ctx.shared_dims = inputs[2], inputs[3]
-    ctx.save_for_backward(inputs[1])
-
-
-def _replay_backward(ctx, grad_output):
-    (rng_state,) = ctx.saved_tensors
-    return dropout_replay_op(grad_output, rng_state, ctx.p, ctx.shared_dims), None, None, None
-
-
-torch.library.register_autograd(
-    "fused_dropout::dropout_replay", _replay_backward, setup_context=_replay_setup_context
-)
-
-
-def _dropout_add_setup_context(ctx, inputs, output):
-    ctx.p, ctx.has_bias = inputs[3], inputs[2] is not None
-    ctx.save_for_backward(output[1])
-
-
-def _dropout_add_backward(ctx, grad_output, grad_rng_state):
-    # d/d residual = 1; d/d input = the forward's mask and scale; d/d bias = that, summed
-    # over every dim but the last.
-    (rng_state,) = ctx.saved_tensors
-    grad_input = dropout_replay_op(grad_output, rng_state, ctx.p)
-    grad_bias = grad_input.reshape(-1, grad_input.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_input, grad_output, grad_bias, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fused_dropout::dropout_add", _dropout_add_backward, setup_context=_dropout_add_setup_context
-)
-
-
+# Autograd of dropout, dropout_replay and dropout_add is registered in C++
+# (csrc/autograd.cpp). The in-place op is differentiated here, where autograd can mark its
+# input dirty.
 class _DropoutInplace(torch.autograd.Function):
     """In-place dropout under autograd. Registered autograd formulas cannot describe a
     mutating op, so this thin Function marks the input dirty and saves only rng_state.
