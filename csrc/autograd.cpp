@@ -26,20 +26,48 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// True when a call must record a graph node: otherwise the ops run below autograd directly,
+// with no node, saved state or materialised zero gradients to pay for.
+bool needs_grad(std::initializer_list<const at::Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t != nullptr && t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 // Through the dispatcher, so that the replay is itself differentiable under create_graph.
 at::Tensor replay(const at::Tensor& grad, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims) {
   static const auto op = op_handle<ReplaySignature>("fused_dropout::dropout_replay");
   return op.call(grad, rng_state, p, shared_dims);
 }
 
+// The forward ops below the autograd key: the kernels themselves.
+std::tuple<at::Tensor, at::Tensor> dropout_below_autograd(const at::Tensor& input, double p,
+                                                          std::optional<int64_t> seed, int64_t offset,
+                                                          std::optional<at::Generator> generator,
+                                                          at::IntArrayRef shared_dims) {
+  static const auto op = op_handle<DropoutSignature>("fused_dropout::dropout");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, p, seed, offset, std::move(generator), shared_dims);
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_add_below_autograd(const at::Tensor& input, const at::Tensor& residual,
+                                                              const std::optional<at::Tensor>& bias, double p,
+                                                              std::optional<int64_t> seed, int64_t offset,
+                                                              std::optional<at::Generator> generator) {
+  static const auto op = op_handle<DropoutAddSignature>("fused_dropout::dropout_add");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, residual, bias, p, seed, offset, std::move(generator));
+}
+
 class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p, std::optional<int64_t> seed,
                                int64_t offset, std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
-    static const auto op = op_handle<DropoutSignature>("fused_dropout::dropout");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, rng_state] = op.call(input, p, seed, offset, std::move(generator), shared_dims);
+    auto [output, rng_state] = dropout_below_autograd(input, p, seed, offset, std::move(generator), shared_dims);
     ctx->mark_non_differentiable({rng_state});
+    ctx->set_materialize_grads(false);  // rng_state's gradient slot stays empty, not a zeros launch
     ctx->save_for_backward({rng_state});
     ctx->saved_data["p"] = p;
     ctx->saved_data["shared_dims"] = shared_dims.vec();
@@ -47,6 +75,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);  // only rng_state was used downstream
     const at::Tensor rng_state = ctx->get_saved_variables()[0];
     const auto shared_dims = ctx->saved_data["shared_dims"].toIntVector();
     const at::Tensor grad_input = replay(grads[0], rng_state, ctx->saved_data["p"].toDouble(), shared_dims);
@@ -82,10 +111,10 @@ class DropoutAddFunction : public torch::autograd::Function<DropoutAddFunction> 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& residual,
                                const std::optional<at::Tensor>& bias, double p, std::optional<int64_t> seed,
                                int64_t offset, std::optional<at::Generator> generator) {
-    static const auto op = op_handle<DropoutAddSignature>("fused_dropout::dropout_add");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, rng_state] = op.call(input, residual, bias, p, seed, offset, std::move(generator));
+    auto [output, rng_state] =
+        dropout_add_below_autograd(input, residual, bias, p, seed, offset, std::move(generator));
     ctx->mark_non_differentiable({rng_state});
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({rng_state});
     ctx->saved_data["p"] = p;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -95,6 +124,7 @@ class DropoutAddFunction : public torch::autograd::Function<DropoutAddFunction> 
   // d/d residual = 1; d/d input = the forward's mask and scale; d/d bias = that, summed over
   // every dim but the last.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);
     const at::Tensor rng_state = ctx->get_saved_variables()[0];
     const at::Tensor& grad_output = grads[0];
     const at::Tensor grad_input = replay(grad_output, rng_state, ctx->saved_data["p"].toDouble(), {});
@@ -108,12 +138,17 @@ class DropoutAddFunction : public torch::autograd::Function<DropoutAddFunction> 
 std::tuple<at::Tensor, at::Tensor> dropout_autograd(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                     int64_t offset, std::optional<at::Generator> generator,
                                                     at::IntArrayRef shared_dims) {
+  if (!needs_grad({&input})) return dropout_below_autograd(input, p, seed, offset, std::move(generator), shared_dims);
   auto outputs = DropoutFunction::apply(input, p, seed, offset, std::move(generator), shared_dims);
   return {outputs[0], outputs[1]};
 }
 
 at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state, double p,
                            at::IntArrayRef shared_dims) {
+  if (!needs_grad({&input})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return replay(input, rng_state, p, shared_dims);
+  }
   return ReplayFunction::apply(input, rng_state, p, shared_dims)[0];
 }
 
@@ -121,6 +156,9 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input,
                                                         const std::optional<at::Tensor>& bias, double p,
                                                         std::optional<int64_t> seed, int64_t offset,
                                                         std::optional<at::Generator> generator) {
+  if (!needs_grad({&input, &residual, bias.has_value() ? &*bias : nullptr})) {
+    return dropout_add_below_autograd(input, residual, bias, p, seed, offset, std::move(generator));
+  }
   auto outputs = DropoutAddFunction::apply(input, residual, bias, p, seed, offset, std::move(generator));
   return {outputs[0], outputs[1]};
 }

@@ -12,3 +12,12 @@ def random_input(shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tens
     x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
     x[x == 0] = 1
     return x.to(device)
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    actual, expected = actual.cpu(), expected.cpu()
+    assert torch.equal(actual, expected), "outputs differ from the reference"
+    # torch.equal takes -0.0 for +0.0; the signs of zeros must match too.
+    zeros = expected == 0
+    assert torch.equal(torch.signbit(actual[zeros]), torch.signbit(expected[zeros]))

@@ -8,8 +8,7 @@ from torch import nn
 import fused_dropout
 import reference
 from fused_dropout import FusedDropout1d, FusedDropout2d, FusedDropout3d
-from helpers import DEVICES, DTYPES, random_input
-from test_mask import assert_bitwise_equal
+from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
 
 CASES = [
     ((4, 6, 5, 7), (2, 3)),      # dropout2d: (N, C, H, W)

@@ -4,7 +4,7 @@ import torch
 
 import fused_dropout
 import reference
-from helpers import random_input
+from helpers import DTYPES, assert_bitwise_equal, random_input
 
 pytestmark = pytest.mark.cuda
 
@@ -39,8 +39,25 @@ def test_make_graphed_callables():
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), fused_dropout.FusedDropout(0.5)).cuda()
     x = torch.randn(8, 16, device="cuda", requires_grad=True)
     graphed = torch.cuda.make_graphed_callables(model, (x,))
-    outs = [graphed(x) for _ in range(3)]
-    assert not torch.equal(outs[0] != 0, outs[1] != 0)
+    masks = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        out = graphed(x)
+        mask = (out != 0).clone()  # out is the graph's static output: the next replay rewrites it
+        out.backward(torch.ones_like(out))
+        # d(sum out)/d(bias) = sum over the batch of mask * 2: backward used this replay's mask.
+        torch.testing.assert_close(model[0].bias.grad, (mask.float() * 2).sum(0), rtol=0, atol=0)
+        masks.append(mask)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_blocks_match_cpu_bit_for_bit(dtype):
+    # Thousands of blocks: every thread's work lands where the rule says, as on the CPU.
+    x = random_input(3 * 2**22 + 7, dtype)
+    want = fused_dropout.dropout(x, 0.3, seed=2024, offset=5)
+    got = fused_dropout.dropout(x.cuda(), 0.3, seed=2024, offset=5).cpu()
+    assert_bitwise_equal(got, want)
 
 
 def test_successive_cuda_calls_use_disjoint_counters():
@@ -51,11 +68,15 @@ def test_successive_cuda_calls_use_disjoint_counters():
 
 
 @pytest.mark.slow
-def test_more_than_two_to_the_31_elements():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_more_than_two_to_the_31_elements(dtype):
     numel = 2**31 + 4099
-    x = torch.ones(numel, dtype=torch.float16, device="cuda")
+    x = torch.ones(numel, dtype=dtype, device="cuda")
     y = fused_dropout.dropout(x, 0.5, seed=77)
     for start in [0, 2**31 - 5000, numel - 10_000]:  # both sides of 2^31, and the tail
         stop = start + 10_000
-        expected = torch.from_numpy(reference.keep_range(start, stop, 0.5, 77))
-        assert torch.equal((y[start:stop] != 0).cpu(), expected)
+        got = (y[start:stop] != 0).cpu()
+        wrong = (got != torch.from_numpy(reference.keep_range(start, stop, 0.5, 77))).nonzero().flatten()
+        assert wrong.numel() == 0, (
+            f"elements [{start}, {stop}): {wrong.numel()} masks differ from the rule, first at {(wrong[:8] + start).tolist()}"
+        )

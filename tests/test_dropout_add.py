@@ -6,8 +6,7 @@ from torch import nn
 import fused_dropout
 import reference
 from fused_dropout import FusedDropout, FusedDropoutAdd
-from helpers import DEVICES, DTYPES, random_input
-from test_mask import assert_bitwise_equal
+from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
 
 
 def unfused(x, residual, p, seed, offset=0, bias=None):

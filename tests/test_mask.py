@@ -10,7 +10,7 @@ import torch
 
 import fused_dropout
 import reference
-from helpers import DEVICES, DTYPES, random_input
+from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
 
 SHAPES = [(), (1,), (3,), (4,), (5,), (17,), (4097,), (7, 11), (31, 37), (2, 3, 5, 7), (0,), (3, 0, 2)]
 # (p, seed, offset): seeds over the full unsigned 64-bit range; offsets that make the 64-bit
@@ -21,15 +21,6 @@ RANDOMNESS = [
     (0.9, 2**63 + 5, 2**32 - 3),
     (1 / 3, 2**64 - 1, 2**64 - 2),
 ]
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor):
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    actual, expected = actual.cpu(), expected.cpu()
-    assert torch.equal(actual, expected), "outputs differ from the reference"
-    # torch.equal takes -0.0 for +0.0; the signs of zeros must match too.
-    zeros = expected == 0
-    assert torch.equal(torch.signbit(actual[zeros]), torch.signbit(expected[zeros]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,6 +1,7 @@
 // CUDA kernels: each element is read once and written once; nothing else touches global
 // memory except the 16-byte rng_state. Random words come from the shared Philox in
 // registers, one Philox call per four elements.
+#include <limits>
 #include <mutex>
 
 #include <ATen/Dispatch.h>
@@ -177,12 +178,14 @@ __global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> op
 }
 
 int grid_for(int64_t work_items) {
-  // Enough resident blocks to fill every SM; a grid-stride loop covers the rest. The mask
-  // does not depend on the grid, only on the logical index.
-  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-                             (at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor / kThreads);
+  // One work item per thread: a grid of as many blocks as the work needs keeps the most loads
+  // in flight. On an H100 this moved 100% of cudaMemcpy's bandwidth where a grid of resident
+  // blocks looping over the work moved 88-93% (benchmarks/cuda_variants.cu, NOTES.md). The
+  // kernels still loop, for a grid past the launch limit. The mask does not depend on the
+  // grid, only on the logical index.
+  constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
   const int64_t needed = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min(needed, max_blocks)));
+  return static_cast<int>(std::max<int64_t>(1, std::min(needed, kMaxBlocks)));
 }
 
 // Launches the kernel for the operands' layout; `residual` and `bias` are undefined for
