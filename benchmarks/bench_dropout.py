@@ -2,7 +2,8 @@
 """Dropout throughput: fused_dropout against torch.nn.functional.dropout (eager and
 torch.compile'd) and the copy ceiling, side by side in one run on one device.
 
-For each dtype and size it times forward, backward and forward+backward with CUDA events
+For each dtype and size it times forward, backward (through autograd, and the backward op
+alone) and forward+backward with CUDA events
 (or a host clock on CPU, where the work is synchronous) after warm-up, takes the median of
 many runs, and rotates through several inputs so that caches do not flatter small sizes.
 GB/s counts the bytes dropout must move: the input read and the output written per pass
@@ -143,6 +144,16 @@ def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
             "saved_bytes": saved_bytes(fn, leaves[0]),
         }
         del graphs
+    # The backward ops alone, outside the autograd engine (whose own cost is a fixed tens of
+    # microseconds per call): PyTorch's mask multiply against this library's mask replay.
+    backward_ops = {
+        "F.dropout": (torch.ops.aten.native_dropout(inputs[0], p, True)[1],
+                      lambda g, mask: torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))),
+        "fused_dropout": (_ops.dropout_op(inputs[0], p)[1], lambda g, state: _ops.dropout_replay_op(g, state, p)),
+    }
+    for name, (saved, backward_op) in backward_ops.items():
+        if name in rows:
+            rows[name]["backward op"] = timer(lambda: backward_op(next_x(), saved))
     results = []
     for name, times in rows.items():
         for direction, seconds in times.items():
