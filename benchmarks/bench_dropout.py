@@ -3,8 +3,8 @@
 torch.compile'd) and the copy ceiling, side by side in one run on one device.
 
 For each dtype and size it times forward, backward (through autograd, and the backward op
-alone) and forward+backward with CUDA events
-(or a host clock on CPU, where the work is synchronous) after warm-up, takes the median of
+alone) and forward+backward with CUDA events around calls issued back to back (or a host
+clock on CPU, where the work is synchronous) after warm-up, takes the median of
 many runs, and rotates through several inputs so that caches do not flatter small sizes.
 GB/s counts the bytes dropout must move: the input read and the output written per pass
 (forward: x -> y; backward: grad_y -> grad_x), for every variant alike, so GB/s ratios are
@@ -61,14 +61,18 @@ class Timer:
             fn()
         times = []
         if self.device.type == "cuda":
+            # Events around each call, the calls issued back to back with no host sync in
+            # between: where the device is the bottleneck the host runs ahead and an interval
+            # is device time; where the host is (small sizes), it includes the launch cost.
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
             torch.cuda.synchronize()
-            for _ in range(self.reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for start, end in zip(starts, ends):
                 start.record()
                 fn()
                 end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
+            torch.cuda.synchronize()
+            times = [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
         else:
             for _ in range(self.reps):
                 start = time.perf_counter()
