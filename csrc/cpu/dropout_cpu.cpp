@@ -6,6 +6,10 @@
 #include <string>
 #include <mutex>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -228,13 +232,34 @@ at::Tensor state_tensor(RngState state) {
   return t;
 }
 
+// A fresh output of tens of MiB is mapped by the OS on first write, one 4 KiB page fault at a
+// time. That cost more than the kernel: 19 of 28 ms for a forward of 2^24 float32 elements on
+// the 2-core machine. So the out-of-place ops ask for transparent huge pages on the 2 MiB-
+// aligned part of a large output before writing it, which turns 512 faults into one. The
+// hint covers only memory this op owns and is about to fill; where the kernel grants no
+// huge pages (THP "never", or memory already mapped) nothing changes.
+at::Tensor new_output(const at::Tensor& input) {
+  at::Tensor output = empty_output_like(input);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const size_t bytes = output.storage().nbytes();
+  if (bytes >= 8 * kHugePage) {
+    const auto start = reinterpret_cast<uintptr_t>(output.storage().mutable_data());
+    const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t end = (start + bytes) & ~(kHugePage - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return output;
+}
+
 std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                int64_t offset, std::optional<at::Generator> generator,
                                                at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
   const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/false);
   const RngState state = draw_state(seed, offset, generator);
-  at::Tensor output = empty_output_like(input);
+  at::Tensor output = new_output(input);
   dispatch_apply(input, output, layout, state, p);
   return {output, state_tensor(state)};
 }
@@ -255,7 +280,7 @@ at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_sta
   const at::Tensor s = rng_state.contiguous();
   const RngState state{static_cast<uint64_t>(s.const_data_ptr<int64_t>()[0]),
                        static_cast<uint64_t>(s.const_data_ptr<int64_t>()[1])};
-  at::Tensor output = empty_output_like(input);
+  at::Tensor output = new_output(input);
   dispatch_apply(input, output, layout, state, p);
   return output;
 }
@@ -267,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
   constexpr const char* kOp = "fused_dropout::dropout_add";
   const MaskLayout layout = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
   const RngState state = draw_state(seed, offset, generator);
-  at::Tensor output = empty_output_like(input);
+  at::Tensor output = new_output(input);
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   if (input.numel() == 0) return {output, state_tensor(state)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
