@@ -139,18 +139,27 @@ def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
 
 @pytest.mark.parametrize("disable_avx512", ["0", "1"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_cpu_inner_loops_agree_with_reference(disable_avx512, dtype):
+@pytest.mark.parametrize("op", ["dropout", "dropout_add"])
+def test_cpu_inner_loops_agree_with_reference(disable_avx512, dtype, op):
     # The CPU kernel picks AVX-512 loops where the CPU has them, else portable ones; run
     # each in a fresh process, since the choice is made once per process.
-    numel = 4 * 8192 * 2 + 77
+    shape = (4 * 8192 * 2 // 63 + 1, 63)  # several parallel tasks, rows that do not align with them
+    inputs = f"x, r, b = (random_input(s, torch.{dtype}, seed=k) for k, s in enumerate([{shape}, {shape}, {shape[-1]}]))\n"
+    call = {
+        "dropout": "fused_dropout.dropout(x, 0.5, seed=2**63 + 1, offset=2**32 - 40)",
+        "dropout_add": "fused_dropout.dropout_add(x, r, 0.5, bias=b, seed=2**63 + 1, offset=2**32 - 40)",
+    }[op]
     script = (
-        "import torch, fused_dropout, sys\n"
-        f"x = torch.randn({numel}, generator=torch.Generator().manual_seed(5)).to(torch.{dtype})\n"
-        "y = fused_dropout.dropout(x, 0.5, seed=2**63 + 1, offset=2**32 - 40)\n"
+        f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import torch, fused_dropout\nfrom helpers import random_input\n" + inputs + f"y = {call}\n"
         "sys.stdout.write(y.view(torch.uint8).numpy().tobytes().hex())\n"
     )
     env = dict(os.environ, FUSED_DROPOUT_DISABLE_AVX512=disable_avx512)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    x = torch.randn(numel, generator=torch.Generator().manual_seed(5)).to(getattr(torch, dtype))
-    expected = reference.dropout(x, 0.5, 2**63 + 1, 2**32 - 40)
+    x, r, b = (random_input(s, getattr(torch, dtype), seed=k) for k, s in enumerate([shape, shape, shape[-1]]))
+    if op == "dropout":
+        expected = reference.dropout(x, 0.5, 2**63 + 1, 2**32 - 40)
+    else:  # each step rounded to the dtype, as the unfused ops would
+        dropped = reference.dropout((x.float() + b.float()).to(x.dtype), 0.5, 2**63 + 1, 2**32 - 40)
+        expected = (r.float() + dropped.float()).to(x.dtype)
     assert result.stdout == expected.view(torch.uint8).numpy().tobytes().hex()

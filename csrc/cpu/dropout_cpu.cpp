@@ -51,6 +51,7 @@ struct InnerLoops {
   FillWordsFn fill_words = &fill_mask_words;
   ApplyFloatFn apply_float = nullptr;  // nullptr: the generic loop
   ApplyHalfFn apply_half = nullptr;
+  ApplyHalfAddFn apply_half_add = nullptr;
 
   static const InnerLoops& get() {
     static const InnerLoops loops = [] {
@@ -62,6 +63,7 @@ struct InnerLoops {
         picked.fill_words = &fill_mask_words_avx512;
         picked.apply_float = &apply_float_avx512;
         picked.apply_half = &apply_half_avx512;
+        picked.apply_half_add = &apply_half_add_avx512;
       }
 #endif
       return picked;
@@ -157,6 +159,15 @@ void apply_full_mask(const at::Tensor& input, const at::Tensor& residual, const 
         for (int64_t i = 0; i < count; ++i) out[first + i] = op(in[first + i], words[i]);
       } else if (row_major) {
         int64_t column = first % last_size;
+        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+          if (loops.apply_half_add != nullptr) {
+            loops.apply_half_add(reinterpret_cast<const uint16_t*>(in + first),
+                                 reinterpret_cast<const uint16_t*>(res + first), reinterpret_cast<const uint16_t*>(b),
+                                 column, last_size, reinterpret_cast<uint16_t*>(out + first), words, count, op.keep,
+                                 op.scale);
+            continue;
+          }
+        }
         for (int64_t i = 0; i < count; ++i) {
           scalar_t x = in[first + i];
           if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[column]);

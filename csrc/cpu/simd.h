@@ -14,6 +14,11 @@ using ApplyFloatFn = void (*)(const float* x, float* y, const uint32_t* words, i
                               const MaskedScale<float, float>& rule);
 using ApplyHalfFn = void (*)(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
                              float scale);
+// y[i] = residual[i] + dropout(x[i] + bias[column]) for float16 as raw bits; bias may be null,
+// column is the first element's index in the last dim, which has last_size elements.
+using ApplyHalfAddFn = void (*)(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
+                                int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                                float scale);
 
 // The portable words: the scalar Philox in a loop the compiler vectorises.
 void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words);
@@ -26,6 +31,9 @@ void apply_float_avx512(const float* x, float* y, const uint32_t* words, int64_t
                         const MaskedScale<float, float>& rule);
 void apply_half_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
                        float scale);
+void apply_half_add_avx512(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
+                           int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                           float scale);
 #endif
 
 }  // namespace fused_dropout

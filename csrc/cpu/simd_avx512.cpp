@@ -107,6 +107,22 @@ void apply_half_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, in
   for (int64_t i = 0; i < count; ++i) out[i] = rule(in[i], words[i]);
 }
 
+void apply_half_add_avx512(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
+                           int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                           float scale) {
+  using Rule = MaskedScale<F16cHalf, float>;
+  const Rule rule{keep, scale};
+  const F16cHalf* in = reinterpret_cast<const F16cHalf*>(x);
+  const F16cHalf* res = reinterpret_cast<const F16cHalf*>(residual);
+  const F16cHalf* b = reinterpret_cast<const F16cHalf*>(bias);
+  F16cHalf* out = reinterpret_cast<F16cHalf*>(y);
+  for (int64_t i = 0; i < count; ++i) {
+    const F16cHalf v = b != nullptr ? Rule::plus_bias(in[i], b[column]) : in[i];
+    out[i] = rule.add_to(res[i], v, words[i]);
+    if (++column == last_size) column = 0;
+  }
+}
+
 void apply_float_avx512(const float* x, float* y, const uint32_t* words, int64_t count,
                         const MaskedScale<float, float>& rule) {
   for (int64_t i = 0; i < count; ++i) y[i] = rule(x[i], words[i]);
