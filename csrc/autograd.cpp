@@ -61,6 +61,19 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_below_autograd(const at::Tensor& 
   return op.call(input, residual, bias, p, seed, offset, std::move(generator));
 }
 
+// What every backward here keeps (16 bytes of tensor) and how it turns a gradient into the
+// forward's masked, scaled gradient.
+void save_mask(AutogradContext* ctx, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims) {
+  ctx->save_for_backward({rng_state});
+  ctx->saved_data["p"] = p;
+  ctx->saved_data["shared_dims"] = shared_dims.vec();
+}
+
+at::Tensor replay_saved_mask(AutogradContext* ctx, const at::Tensor& grad) {
+  return replay(grad, ctx->get_saved_variables()[0], ctx->saved_data["p"].toDouble(),
+                ctx->saved_data["shared_dims"].toIntVector());
+}
+
 class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p, std::optional<int64_t> seed,
@@ -68,18 +81,13 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
     auto [output, rng_state] = dropout_below_autograd(input, p, seed, offset, std::move(generator), shared_dims);
     ctx->mark_non_differentiable({rng_state});
     ctx->set_materialize_grads(false);  // rng_state's gradient slot stays empty, not a zeros launch
-    ctx->save_for_backward({rng_state});
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["shared_dims"] = shared_dims.vec();
+    save_mask(ctx, rng_state, p, shared_dims);
     return {output, rng_state};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(6);  // only rng_state was used downstream
-    const at::Tensor rng_state = ctx->get_saved_variables()[0];
-    const auto shared_dims = ctx->saved_data["shared_dims"].toIntVector();
-    const at::Tensor grad_input = replay(grads[0], rng_state, ctx->saved_data["p"].toDouble(), shared_dims);
-    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {replay_saved_mask(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -92,17 +100,12 @@ class ReplayFunction : public torch::autograd::Function<ReplayFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       output = replay(input, rng_state, p, shared_dims);
     }
-    ctx->save_for_backward({rng_state});
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["shared_dims"] = shared_dims.vec();
+    save_mask(ctx, rng_state, p, shared_dims);
     return {output};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor rng_state = ctx->get_saved_variables()[0];
-    const auto shared_dims = ctx->saved_data["shared_dims"].toIntVector();
-    return {replay(grads[0], rng_state, ctx->saved_data["p"].toDouble(), shared_dims), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {replay_saved_mask(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -115,8 +118,7 @@ class DropoutAddFunction : public torch::autograd::Function<DropoutAddFunction> 
         dropout_add_below_autograd(input, residual, bias, p, seed, offset, std::move(generator));
     ctx->mark_non_differentiable({rng_state});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({rng_state});
-    ctx->saved_data["p"] = p;
+    save_mask(ctx, rng_state, p, {});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return {output, rng_state};
   }
@@ -125,9 +127,8 @@ class DropoutAddFunction : public torch::autograd::Function<DropoutAddFunction> 
   // every dim but the last.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(7);
-    const at::Tensor rng_state = ctx->get_saved_variables()[0];
     const at::Tensor& grad_output = grads[0];
-    const at::Tensor grad_input = replay(grad_output, rng_state, ctx->saved_data["p"].toDouble(), {});
+    const at::Tensor grad_input = replay_saved_mask(ctx, grad_output);
     const at::Tensor grad_bias = ctx->saved_data["has_bias"].toBool()
                                      ? grad_input.reshape({-1, grad_input.size(-1)}).sum(0)
                                      : at::Tensor();

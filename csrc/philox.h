@@ -104,13 +104,7 @@ struct KeepRule {
     return KeepRule{t == 0 ? 0u : static_cast<uint32_t>(t - 1), t != 0 ? 1u : 0u};
   }
   C10_HOST_DEVICE C10_ALWAYS_INLINE bool operator()(uint32_t word) const {
-#if defined(__CUDA_ARCH__)
-    // One compare per word, predicated on a kernel-wide flag: the form the GPU issues fastest.
-    return keeps_any != 0 && word <= max_kept_word;
-#else
-    // No branch, so that the CPU loops vectorise.
     return (keeps_any & static_cast<uint32_t>(word <= max_kept_word)) != 0;
-#endif
   }
 };
 
