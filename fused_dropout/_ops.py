@@ -13,6 +13,8 @@ import torch
 from . import _C  # noqa: F401  (loads the operator registrations)
 
 _ops = torch.ops.fused_dropout
+_dropout = _ops.dropout.default
+_dropout_add = _ops.dropout_add.default
 
 # Seeds are unsigned 64-bit in the mask rule; the op schema carries them as int64 bits.
 _U64 = 1 << 64
@@ -37,8 +39,12 @@ def dropout_op(
     shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(output, rng_state)`` of one fused dropout call."""
+    if seed is None and offset == 0 and generator is None and not shared_dims:
+        # The common call: the schema's defaults are filled in C++, which parses fewer
+        # arguments than passing them from here.
+        return _dropout(input, p)
     seed, offset = _seed_args(seed, offset)
-    return _ops.dropout.default(input, p, seed, offset, generator, list(shared_dims))
+    return _dropout(input, p, seed, offset, generator, list(shared_dims))
 
 
 def dropout_inplace_op(
@@ -71,8 +77,10 @@ def dropout_add_op(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(residual + dropout(input + bias), rng_state)`` in one pass."""
+    if seed is None and offset == 0 and generator is None:
+        return _dropout_add(input, residual, bias, p)
     seed, offset = _seed_args(seed, offset)
-    return _ops.dropout_add.default(input, residual, bias, p, seed, offset, generator)
+    return _dropout_add(input, residual, bias, p, seed, offset, generator)
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -72,16 +72,19 @@ def dropout(
         Tensor of the input's shape, dtype, device and memory format. Dropped elements are
         exactly ``+0.0``, also where the input is NaN or infinite.
     """
-    _check_p(p)
+    # The common call (a float p, the default generator) pays only two cheap tests here;
+    # anything else gets the full checks and their messages.
+    if type(p) is not float or not 0.0 <= p <= 1.0:
+        _check_p(p)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
-    _check_randomness(seed, offset, generator)
-    shared_dims = tuple(shared_dims)
+    if seed is not None or offset != 0 or generator is not None:
+        _check_randomness(seed, offset, generator)
     if not training or p == 0:
         return input
     if inplace:
-        return _ops.dropout_inplace(input, p, seed, offset, generator, shared_dims)
-    return _ops.dropout_op(input, p, seed, offset, generator, shared_dims)[0]
+        return _ops.dropout_inplace(input, p, seed, offset, generator, tuple(shared_dims))
+    return _ops.dropout_op(input, p, seed, offset, generator, tuple(shared_dims))[0]
 
 
 def dropout_add(
@@ -114,13 +117,15 @@ def dropout_add(
     Returns:
         Tensor of the input's shape, dtype, device and memory format.
     """
-    _check_p(p)
+    if type(p) is not float or not 0.0 <= p <= 1.0:
+        _check_p(p)
     for name, value in (("input", input), ("residual", residual)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"dropout_add: {name} must be a Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"dropout_add: bias must be a Tensor or None, got {type(bias).__name__}")
-    _check_randomness(seed, offset, generator)
+    if seed is not None or offset != 0 or generator is not None:
+        _check_randomness(seed, offset, generator)
     if not training or p == 0:
         return residual + (input if bias is None else input + bias)
     return _ops.dropout_add_op(input, residual, bias, p, seed, offset, generator)[0]

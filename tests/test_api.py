@@ -2,13 +2,14 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import fused_dropout
 from fused_dropout import FusedDropout, _ops
-from helpers import DEVICES, random_input
+from helpers import DEVICES, assert_bitwise_equal, random_input
 
 P_MESSAGE = "dropout probability has to be between 0 and 1, but got {}"
 
@@ -28,6 +29,22 @@ def test_bad_p_raises_torch_message(p):
     with pytest.raises(ValueError, match=re.escape("dropout probability has to be between 0 and 1, but got")):
         torch.ops.fused_dropout.dropout(x, p)  # the op checks too
 
+
+
+@pytest.mark.parametrize("p", [True, "0.5", None, -1, 2, math.nan])
+def test_p_of_another_type_gets_the_full_check(p):
+    # The common call (a float p in range) skips the slow checks; every other p is checked.
+    for call in (lambda x: fused_dropout.dropout(x, p), lambda x: fused_dropout.dropout_add(x, x, p)):
+        with pytest.raises(ValueError, match=re.escape(P_MESSAGE.format(p))):
+            call(torch.randn(4))
+
+
+@pytest.mark.parametrize("p", [0, 1, np.float32(0.25), np.float64(0.25)])
+def test_p_of_another_number_type_works(p):
+    x = random_input((64,), torch.float32, "cpu")
+    expected = fused_dropout.dropout(x, float(p), seed=3)
+    assert_bitwise_equal(fused_dropout.dropout(x, p, seed=3), expected)
+    assert_bitwise_equal(fused_dropout.dropout_add(x, x, p, seed=3), fused_dropout.dropout_add(x, x, float(p), seed=3))
 
 
 def test_nan_p_is_a_value_error():
