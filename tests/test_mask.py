@@ -10,7 +10,7 @@ import torch
 
 import fused_dropout
 import reference
-from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
+from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input, with_special_values
 
 SHAPES = [(), (1,), (3,), (4,), (5,), (17,), (4097,), (7, 11), (31, 37), (2, 3, 5, 7), (0,), (3, 0, 2)]
 # (p, seed, offset): seeds over the full unsigned 64-bit range; offsets that make the 64-bit
@@ -137,29 +137,45 @@ def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
     assert torch.equal(y_cpu, y_cuda.cpu())
 
 
-@pytest.mark.parametrize("disable_avx512", ["0", "1"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("op", ["dropout", "dropout_add"])
-def test_cpu_inner_loops_agree_with_reference(disable_avx512, dtype, op):
+@pytest.mark.parametrize("op", ["dropout", "dropout_add", "dropout_add_no_bias"])
+def test_cpu_inner_loops_agree_with_reference(dtype, op):
     # The CPU kernel picks AVX-512 loops where the CPU has them, else portable ones; run
-    # each in a fresh process, since the choice is made once per process.
+    # each in a fresh process, since the choice is made once per process. Both must give the
+    # same bits, NaNs included, and match the reference. p = 0.3 makes the scale inexact, so
+    # the conversions' rounding is exercised.
     shape = (4 * 8192 * 2 // 63 + 1, 63)  # several parallel tasks, rows that do not align with them
-    inputs = f"x, r, b = (random_input(s, torch.{dtype}, seed=k) for k, s in enumerate([{shape}, {shape}, {shape[-1]}]))\n"
+    inputs = (
+        f"x, r, b = (random_input(s, torch.{dtype}, seed=k) for k, s in enumerate([{shape}, {shape}, {shape[-1]}]))\n"
+        "x, r = with_special_values(x), with_special_values(r.flip(0))\n"
+    )
     call = {
-        "dropout": "fused_dropout.dropout(x, 0.5, seed=2**63 + 1, offset=2**32 - 40)",
-        "dropout_add": "fused_dropout.dropout_add(x, r, 0.5, bias=b, seed=2**63 + 1, offset=2**32 - 40)",
+        "dropout": "fused_dropout.dropout(x, 0.3, seed=2**63 + 1, offset=2**32 - 40)",
+        "dropout_add": "fused_dropout.dropout_add(x, r, 0.3, bias=b, seed=2**63 + 1, offset=2**32 - 40)",
+        "dropout_add_no_bias": "fused_dropout.dropout_add(x, r, 0.3, seed=2**63 + 1, offset=2**32 - 40)",
     }[op]
     script = (
         f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "import torch, fused_dropout\nfrom helpers import random_input\n" + inputs + f"y = {call}\n"
+        "import torch, fused_dropout\nfrom helpers import random_input, with_special_values\n" + inputs + f"y = {call}\n"
         "sys.stdout.write(y.view(torch.uint8).numpy().tobytes().hex())\n"
     )
-    env = dict(os.environ, FUSED_DROPOUT_DISABLE_AVX512=disable_avx512)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    outputs = {}
+    for disable_avx512 in ("0", "1"):
+        env = dict(os.environ, FUSED_DROPOUT_DISABLE_AVX512=disable_avx512)
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        outputs[disable_avx512] = result.stdout
+    assert outputs["0"] == outputs["1"], "the AVX-512 and portable loops give different bits"
+
     x, r, b = (random_input(s, getattr(torch, dtype), seed=k) for k, s in enumerate([shape, shape, shape[-1]]))
+    x, r = with_special_values(x), with_special_values(r.flip(0))
     if op == "dropout":
-        expected = reference.dropout(x, 0.5, 2**63 + 1, 2**32 - 40)
+        expected = reference.dropout(x, 0.3, 2**63 + 1, 2**32 - 40)
     else:  # each step rounded to the dtype, as the unfused ops would
-        dropped = reference.dropout((x.float() + b.float()).to(x.dtype), 0.5, 2**63 + 1, 2**32 - 40)
+        biased = (x.float() + b.float()).to(x.dtype) if op == "dropout_add" else x
+        dropped = reference.dropout(biased, 0.3, 2**63 + 1, 2**32 - 40)
         expected = (r.float() + dropped.float()).to(x.dtype)
-    assert result.stdout == expected.view(torch.uint8).numpy().tobytes().hex()
+    actual = torch.frombuffer(bytearray.fromhex(outputs["0"]), dtype=torch.uint8).view(x.dtype).view(shape)
+    nan = torch.isnan(expected)
+    assert nan.any() and torch.equal(torch.isnan(actual), nan)
+    # NaN payloads differ between torch's conversions, so the NaNs are compared by position.
+    assert_bitwise_equal(actual[~nan], expected[~nan])

@@ -50,8 +50,18 @@ constexpr int64_t kGrainGroups = 8192;
 struct InnerLoops {
   FillWordsFn fill_words = &fill_mask_words;
   ApplyFloatFn apply_float = nullptr;  // nullptr: the generic loop
-  ApplyHalfFn apply_half = nullptr;
-  ApplyHalfAddFn apply_half_add = nullptr;
+  Apply2ByteFn apply_half = nullptr;
+  Apply2ByteFn apply_bfloat16 = nullptr;
+  Apply2ByteAddFn apply_half_add = nullptr;
+  Apply2ByteAddFn apply_bfloat16_add = nullptr;
+
+  // The vector loops of a 2-byte scalar_t (dropout, dropout_add), or nullptrs.
+  template <typename scalar_t>
+  std::pair<Apply2ByteFn, Apply2ByteAddFn> two_byte() const {
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) return {apply_half, apply_half_add};
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return {apply_bfloat16, apply_bfloat16_add};
+    return {nullptr, nullptr};
+  }
 
   static const InnerLoops& get() {
     static const InnerLoops loops = [] {
@@ -63,7 +73,9 @@ struct InnerLoops {
         picked.fill_words = &fill_mask_words_avx512;
         picked.apply_float = &apply_float_avx512;
         picked.apply_half = &apply_half_avx512;
+        picked.apply_bfloat16 = &apply_bfloat16_avx512;
         picked.apply_half_add = &apply_half_add_avx512;
+        picked.apply_bfloat16_add = &apply_bfloat16_add_avx512;
       }
 #endif
       return picked;
@@ -117,6 +129,16 @@ StridedWalk<4> operand_walk(const at::Tensor& input, const at::Tensor& output, c
           {input.strides().data(), output.strides().data(), layout.strides.data(), res_strides}};
 }
 
+// A 2-byte type's elements as the raw bits the vector loops take.
+template <typename scalar_t>
+const uint16_t* as_bits(const scalar_t* p) {
+  return reinterpret_cast<const uint16_t*>(p);
+}
+template <typename scalar_t>
+uint16_t* as_bits(scalar_t* p) {
+  return reinterpret_cast<uint16_t*>(p);
+}
+
 // Full mask: the mask index is the logical index, so random words come in batches. With
 // kAdd it computes residual + dropout(input + bias) instead (bias optional, along the last
 // dim); plain dropout passes undefined residual and bias.
@@ -149,24 +171,17 @@ void apply_full_mask(const at::Tensor& input, const at::Tensor& residual, const 
             continue;
           }
         }
-        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-          if (loops.apply_half != nullptr) {
-            loops.apply_half(reinterpret_cast<const uint16_t*>(in + first), reinterpret_cast<uint16_t*>(out + first),
-                             words, count, op.keep, op.scale);
-            continue;
-          }
+        if (const Apply2ByteFn apply = loops.two_byte<scalar_t>().first) {
+          apply(as_bits(in + first), as_bits(out + first), words, count, op.keep, op.scale);
+          continue;
         }
         for (int64_t i = 0; i < count; ++i) out[first + i] = op(in[first + i], words[i]);
       } else if (row_major) {
         int64_t column = first % last_size;
-        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-          if (loops.apply_half_add != nullptr) {
-            loops.apply_half_add(reinterpret_cast<const uint16_t*>(in + first),
-                                 reinterpret_cast<const uint16_t*>(res + first), reinterpret_cast<const uint16_t*>(b),
-                                 column, last_size, reinterpret_cast<uint16_t*>(out + first), words, count, op.keep,
-                                 op.scale);
-            continue;
-          }
+        if (const Apply2ByteAddFn apply = loops.two_byte<scalar_t>().second) {
+          apply(as_bits(in + first), as_bits(res + first), as_bits(b), column, last_size, as_bits(out + first), words,
+                count, op.keep, op.scale);
+          continue;
         }
         for (int64_t i = 0; i < count; ++i) {
           scalar_t x = in[first + i];

@@ -14,6 +14,9 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
+#include <cstring>
+
 #include "simd.h"
 
 #ifdef FUSED_DROPOUT_HAVE_AVX512
@@ -91,50 +94,128 @@ void fill_mask_words_avx512(uint64_t seed, uint64_t base, uint64_t first_group, 
   }
 }
 
-// float16 as raw bits, converted by F16C with round-to-nearest-even, as c10::Half does.
-struct F16cHalf {
-  uint16_t bits;
-  F16cHalf() = default;
-  explicit F16cHalf(float value) : bits(static_cast<uint16_t>(_cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT))) {}
-  explicit operator float() const { return _cvtsh_ss(bits); }
+namespace {
+
+// The two 2-byte formats, 16 lanes of raw bits at a time, widened to and narrowed from float32
+// exactly as c10::Half and c10::BFloat16 convert one value.
+struct HalfLanes {
+  // F16C, round-to-nearest-even.
+  static __m512 widen(__m256i bits) { return _mm512_cvtph_ps(bits); }
+  static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 };
 
-// The float16 rule, cast(float(x) * scale) or +0, is the float32 rule applied to float(x)
-// and then rounded to float16, because +0.0f rounds to +0. So 16 lanes at a time are widened
-// with F16C, go through the shared float32 rule (a loop the compiler vectorises), and are
-// narrowed with round-to-nearest-even; the tail takes the float16 rule itself.
-void apply_half_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
-                       float scale) {
-  constexpr int kLanes = 16;
-  const MaskedScale<float, float> wide_rule{keep, scale};
+struct BFloat16Lanes {
+  // bfloat16 is the upper half of a float32.
+  static __m512 widen(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  // c10's round-to-nearest-even: add 0x7FFF plus the lowest bit that stays, keep the upper
+  // half; every NaN becomes 0x7FC0.
+  static __m256i narrow(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lowest_kept, _mm512_set1_epi32(0x7FFF));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+  }
+};
+
+constexpr int kLanes = 16;
+
+inline __m256i load_lanes(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store_lanes(uint16_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+
+// A 2-byte rule, cast(float(x) * scale) or +0, is the float32 rule applied to float(x) and
+// then narrowed, because +0.0f narrows to +0. So the lanes go through the shared float32 rule
+// (a loop over 16 floats the compiler vectorises) between widening and narrowing; the result
+// is still a float, which callers narrow.
+inline __m512 dropout_lanes(__m512 x, const uint32_t* words, const MaskedScale<float, float>& rule) {
   alignas(64) float wide[kLanes];
+  _mm512_store_ps(wide, x);
+  for (int j = 0; j < kLanes; ++j) wide[j] = rule(wide[j], words[j]);
+  return _mm512_load_ps(wide);
+}
+
+// Runs `lanes(i, x16, residual16, words16, y16)` over [0, count) 16 at a time (residual may
+// be null); the last partial 16 runs on zero-padded copies, so every element takes the same
+// vector path.
+template <typename Lanes16>
+inline void for_each_16(const uint16_t* x, const uint16_t* residual, const uint32_t* words, uint16_t* y,
+                        int64_t count, Lanes16 lanes) {
   int64_t i = 0;
   for (; i + kLanes <= count; i += kLanes) {
-    _mm512_store_ps(wide, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
-    for (int j = 0; j < kLanes; ++j) wide[j] = wide_rule(wide[j], words[i + j]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
-                        _mm512_cvtps_ph(_mm512_load_ps(wide), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    lanes(i, x + i, residual != nullptr ? residual + i : nullptr, words + i, y + i);
   }
-  const MaskedScale<F16cHalf, float> rule{keep, scale};
-  const F16cHalf* in = reinterpret_cast<const F16cHalf*>(x);
-  F16cHalf* out = reinterpret_cast<F16cHalf*>(y);
-  for (; i < count; ++i) out[i] = rule(in[i], words[i]);
+  if (i == count) return;
+  alignas(32) uint16_t x_pad[kLanes] = {}, residual_pad[kLanes] = {}, y_pad[kLanes];
+  alignas(64) uint32_t words_pad[kLanes] = {};
+  const int64_t rest = count - i;
+  std::memcpy(x_pad, x + i, rest * sizeof(uint16_t));
+  if (residual != nullptr) std::memcpy(residual_pad, residual + i, rest * sizeof(uint16_t));
+  std::memcpy(words_pad, words + i, rest * sizeof(uint32_t));
+  lanes(i, x_pad, residual_pad, words_pad, y_pad);
+  std::memcpy(y + i, y_pad, rest * sizeof(uint16_t));
+}
+
+template <typename Format>
+void apply_2byte(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep, float scale) {
+  const MaskedScale<float, float> rule{keep, scale};
+  for_each_16(x, nullptr, words, y, count,
+              [&](int64_t, const uint16_t* x16, const uint16_t*, const uint32_t* w16, uint16_t* y16) {
+                store_lanes(y16, Format::narrow(dropout_lanes(Format::widen(load_lanes(x16)), w16, rule)));
+              });
+}
+
+// residual + dropout(x + bias), each of the three steps narrowed to the 2-byte format as the
+// unfused ops would round it. The bias runs along rows of last_size elements; column is the
+// first element's place in its row.
+template <typename Format>
+void apply_2byte_add(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
+                     int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                     float scale) {
+  const MaskedScale<float, float> rule{keep, scale};
+  const auto round = [](__m512 v) { return Format::widen(Format::narrow(v)); };
+  for_each_16(x, residual, words, y, count,
+              [&](int64_t i, const uint16_t* x16, const uint16_t* res16, const uint32_t* w16, uint16_t* y16) {
+                __m512 v = Format::widen(load_lanes(x16));
+                if (bias != nullptr) {
+                  alignas(32) uint16_t bias16[kLanes];
+                  int64_t c = (column + i) % last_size;
+                  if (c + kLanes <= last_size) {
+                    std::memcpy(bias16, bias + c, sizeof(bias16));
+                  } else {  // the 16 lanes cross the end of a row
+                    for (int j = 0; j < kLanes; ++j, c = c + 1 == last_size ? 0 : c + 1) bias16[j] = bias[c];
+                  }
+                  v = round(_mm512_add_ps(v, Format::widen(load_lanes(bias16))));
+                }
+                const __m512 dropped = round(dropout_lanes(v, w16, rule));
+                store_lanes(y16, Format::narrow(_mm512_add_ps(Format::widen(load_lanes(res16)), dropped)));
+              });
+}
+
+}  // namespace
+
+void apply_half_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                       float scale) {
+  apply_2byte<HalfLanes>(x, y, words, count, keep, scale);
+}
+
+void apply_bfloat16_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                           float scale) {
+  apply_2byte<BFloat16Lanes>(x, y, words, count, keep, scale);
 }
 
 void apply_half_add_avx512(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
                            int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
                            float scale) {
-  using Rule = MaskedScale<F16cHalf, float>;
-  const Rule rule{keep, scale};
-  const F16cHalf* in = reinterpret_cast<const F16cHalf*>(x);
-  const F16cHalf* res = reinterpret_cast<const F16cHalf*>(residual);
-  const F16cHalf* b = reinterpret_cast<const F16cHalf*>(bias);
-  F16cHalf* out = reinterpret_cast<F16cHalf*>(y);
-  for (int64_t i = 0; i < count; ++i) {
-    const F16cHalf v = b != nullptr ? Rule::plus_bias(in[i], b[column]) : in[i];
-    out[i] = rule.add_to(res[i], v, words[i]);
-    if (++column == last_size) column = 0;
-  }
+  apply_2byte_add<HalfLanes>(x, residual, bias, column, last_size, y, words, count, keep, scale);
+}
+
+void apply_bfloat16_add_avx512(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
+                               int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
+                               float scale) {
+  apply_2byte_add<BFloat16Lanes>(x, residual, bias, column, last_size, y, words, count, keep, scale);
 }
 
 void apply_float_avx512(const float* x, float* y, const uint32_t* words, int64_t count,
