@@ -15,11 +15,10 @@
 #include <torch/library.h>
 
 #include "../dropout.h"
+#include "row_major_kernel.cuh"
 
 namespace fused_dropout {
 namespace {
-
-constexpr int kThreads = 256;
 
 // Where a call's (seed, base) comes from: a saved rng_state on the device (replay), or the
 // generator's PhiloxCudaState, which under CUDA-graph capture points at device memory that
@@ -44,85 +43,6 @@ __device__ __forceinline__ void resolve_state(const StateSource& src, uint64_t& 
   if (src.record != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
     src.record[0] = static_cast<int64_t>(seed);
     src.record[1] = static_cast<int64_t>(base);
-  }
-}
-
-// Elements one thread handles per step: a multiple of 4 (whole Philox groups) that is also
-// at least 16 bytes, so an aligned step is one or two 16-byte loads and stores.
-template <typename scalar_t>
-constexpr int step_elems() {
-  return sizeof(scalar_t) >= 4 ? 4 : 16 / static_cast<int>(sizeof(scalar_t));
-}
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Vec {
-  scalar_t v[N];
-};
-
-// The operands of one call. Plain dropout reads `in`; with kAdd the kernels compute
-// residual + dropout(in + bias) instead, bias (optional) running along the last dim.
-template <typename scalar_t>
-struct Operands {
-  const scalar_t* in;
-  const scalar_t* res;   // kAdd only
-  const scalar_t* bias;  // kAdd only; may be null
-  scalar_t* out;
-  int64_t numel;
-  int64_t last_size;     // size of the last dim, where the bias runs
-};
-
-// Row-major operands: the logical index is the memory index, and each step is one or two
-// 16-byte loads and stores per operand where all of them are aligned.
-template <typename scalar_t, bool kAligned, bool kAdd>
-__global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src,
-                                                              OutputRule<scalar_t> rule) {
-  constexpr int kStep = step_elems<scalar_t>();
-  using V = Vec<scalar_t, kStep>;
-  uint64_t seed, base;
-  resolve_state(src, seed, base);
-  const int64_t numel = ops.numel;
-  const int64_t steps = (numel + kStep - 1) / kStep;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < steps; s += stride) {
-    const int64_t first = s * kStep;
-    const bool full = first + kStep <= numel;
-    V x, r;
-    if (kAligned && full) {
-      x = *reinterpret_cast<const V*>(ops.in + first);
-      if (kAdd) r = *reinterpret_cast<const V*>(ops.res + first);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) {
-        x.v[j] = first + j < numel ? ops.in[first + j] : scalar_t(0);
-        if (kAdd) r.v[j] = first + j < numel ? ops.res[first + j] : scalar_t(0);
-      }
-    }
-    if (kAdd && ops.bias != nullptr) {
-      int64_t column = first % ops.last_size;  // one division per step, not per element
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) {
-        x.v[j] = OutputRule<scalar_t>::plus_bias(x.v[j], ops.bias[column]);
-        column = column + 1 == ops.last_size ? 0 : column + 1;
-      }
-    }
-    V y;
-#pragma unroll
-    for (int g = 0; g < kStep / 4; ++g) {
-      const PhiloxWords w = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k = 4 * g + j;
-        y.v[k] = kAdd ? rule.add_to(r.v[k], x.v[k], w.w[j]) : rule(x.v[k], w.w[j]);
-      }
-    }
-    if (kAligned && full) {
-      *reinterpret_cast<V*>(ops.out + first) = y;
-    } else {
-#pragma unroll
-      for (int j = 0; j < kStep; ++j) {
-        if (first + j < numel) ops.out[first + j] = y.v[j];
-      }
-    }
   }
 }
 
@@ -177,15 +97,17 @@ __global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> op
   }
 }
 
+// Blocks for one work item per thread. This moved 100% of cudaMemcpy's bandwidth on an H100,
+// where a grid of resident blocks looping over the work moved 88-93%
+// (benchmarks/cuda_variants.cu, NOTES.md). The mask does not depend on the grid, only on the
+// logical index. The row-major kernel relies on the grid covering all of its work; the
+// largest grid covers 2^31 - 1 blocks of 4 KiB, far beyond any GPU's memory.
 int grid_for(int64_t work_items) {
-  // One work item per thread: a grid of as many blocks as the work needs keeps the most loads
-  // in flight. On an H100 this moved 100% of cudaMemcpy's bandwidth where a grid of resident
-  // blocks looping over the work moved 88-93% (benchmarks/cuda_variants.cu, NOTES.md). The
-  // kernels still loop, for a grid past the launch limit. The mask does not depend on the
-  // grid, only on the logical index.
   constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
   const int64_t needed = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min(needed, kMaxBlocks)));
+  TORCH_CHECK(needed <= kMaxBlocks, "fused_dropout: ", work_items,
+              " work items need more than the 2^31 - 1 blocks of one CUDA launch");
+  return static_cast<int>(std::max<int64_t>(1, needed));
 }
 
 // Launches the kernel for the operands' layout; `residual` and `bias` are undefined for
@@ -207,10 +129,19 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
     constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
     const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
     const int grid = grid_for((ops.numel + kStep - 1) / kStep);
+    const bool with_bias = ops.bias != nullptr;  // only dropout_add has one
     if (aligned(ops.in) && aligned(ops.out) && (!kAdd || aligned(ops.res))) {
-      contiguous_kernel<scalar_t, true, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      if (with_bias) {
+        contiguous_kernel<scalar_t, true, kAdd, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      } else {
+        contiguous_kernel<scalar_t, true, kAdd, false><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      }
     } else {
-      contiguous_kernel<scalar_t, false, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      if (with_bias) {
+        contiguous_kernel<scalar_t, false, kAdd, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      } else {
+        contiguous_kernel<scalar_t, false, kAdd, false><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {

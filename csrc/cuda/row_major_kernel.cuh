@@ -1,0 +1,113 @@
+// The row-major CUDA kernel of dropout and dropout_add, where the logical index is the
+// memory index. It is plain C++ apart from the CUDA keywords and the launch indices, so that
+// tests/cuda_kernel_on_host.cpp can run this very source on the CPU, one (block, thread) at a
+// time, where no GPU is present. `resolve_state(src, seed, base)` is found by argument-
+// dependent lookup on the state source type: dropout_cuda.cu reads the generator's state on
+// the device, the host test passes a plain pair.
+#pragma once
+
+#include <cstdint>
+
+#include "../dropout.h"
+
+namespace fused_dropout {
+
+constexpr int kThreads = 256;
+
+// Elements one thread handles per step: a multiple of 4 (whole Philox groups) that is also
+// at least 16 bytes, so an aligned step is one or two 16-byte loads and stores.
+template <typename scalar_t>
+constexpr int step_elems() {
+  return sizeof(scalar_t) >= 4 ? 4 : 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Vec {
+  scalar_t v[N];
+};
+
+// The operands of one call. Plain dropout reads `in`; with kAdd the kernels compute
+// residual + dropout(in + bias) instead, bias (optional) running along the last dim.
+template <typename scalar_t>
+struct Operands {
+  const scalar_t* in;
+  const scalar_t* res;   // kAdd only
+  const scalar_t* bias;  // kAdd only; may be null
+  scalar_t* out;
+  int64_t numel;
+  int64_t last_size;     // size of the last dim, where the bias runs
+};
+
+// One step of the row-major kernel: the kStep elements from `first` on, where the logical
+// index is the memory index. kFull: all of them are in the tensor, so an aligned step is one
+// or two 16-byte loads and stores per operand; otherwise it is the tensor's last, partial step.
+// kBias (with kAdd) is a template argument rather than a test of ops.bias: a branch between
+// the loads and their use made the compiler unpack the loaded registers at once, before the
+// Philox rounds.
+template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, bool kFull>
+__device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, uint64_t seed, uint64_t base,
+                                                const OutputRule<scalar_t>& rule, int64_t first) {
+  constexpr int kStep = step_elems<scalar_t>();
+  using V = Vec<scalar_t, kStep>;
+  const int64_t numel = ops.numel;
+  V x, r;
+  if constexpr (kAligned && kFull) {
+    x = *reinterpret_cast<const V*>(ops.in + first);
+    if (kAdd) r = *reinterpret_cast<const V*>(ops.res + first);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      x.v[j] = kFull || first + j < numel ? ops.in[first + j] : scalar_t(0);
+      if (kAdd) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : scalar_t(0);
+    }
+  }
+  PhiloxWords w[kStep / 4];
+#pragma unroll
+  for (int g = 0; g < kStep / 4; ++g) w[g] = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
+  // The loaded values are first touched here, after the Philox rounds, which run while the
+  // loads are in flight.
+  if constexpr (kBias) {
+    int64_t column = first % ops.last_size;  // one division per step, not per element
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      x.v[j] = OutputRule<scalar_t>::plus_bias(x.v[j], ops.bias[column]);
+      column = column + 1 == ops.last_size ? 0 : column + 1;
+    }
+  }
+  V y;
+#pragma unroll
+  for (int k = 0; k < kStep; ++k) {
+    const uint32_t word = w[k / 4].w[k % 4];
+    y.v[k] = kAdd ? rule.add_to(r.v[k], x.v[k], word) : rule(x.v[k], word);
+  }
+  if constexpr (kAligned && kFull) {
+    *reinterpret_cast<V*>(ops.out + first) = y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      if (kFull || first + j < numel) ops.out[first + j] = y.v[j];
+    }
+  }
+}
+
+// Row-major operands: one step per thread, as straight-line code; the launch covers every
+// step. As a loop (a grid-stride loop, even with the partial step kept out of it), ptxas
+// placed a 2-byte type's 16-byte load after the Philox rounds, or unpacked it right after
+// issuing it, so each thread sat out the memory latency with nothing to do. Without the loop
+// the load is issued first and about 120 Philox instructions run while it is in flight
+// (benchmarks/NOTES.md).
+template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, typename StateSource>
+__global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src,
+                                                              OutputRule<scalar_t> rule) {
+  constexpr int kStep = step_elems<scalar_t>();
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kStep;
+  if (first + kStep <= ops.numel) {
+    contiguous_step<scalar_t, kAligned, kAdd, kBias, /*kFull=*/true>(ops, seed, base, rule, first);
+  } else if (first < ops.numel) {
+    contiguous_step<scalar_t, kAligned, kAdd, kBias, /*kFull=*/false>(ops, seed, base, rule, first);
+  }
+}
+
+}  // namespace fused_dropout
