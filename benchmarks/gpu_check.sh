@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check. On a GPU machine with no network (torch + CUDA toolkit installed) it
 #   1. times launch shapes of the row-major kernel outside PyTorch (cuda_variants.cu),
-#   2. builds the extension from source,
+#   2. builds the extension from source and reads its SASS (sass_load_distance.py),
 #   3. runs the CUDA tests (slow ones included),
 #   4. runs the benchmark (float32, float16, bfloat16 at 2^16-2^28, deep-MLP memory),
 #   5. reads Nsight Compute's speed of light for this kernel and PyTorch's at 2^26,
@@ -65,6 +65,9 @@ if ! run_limited 240 "$OUT/build.log" $PY -m pip install -v --no-build-isolation
 fi
 grep -E "fused_dropout setup" "$OUT/build.log" | head -3
 $PY -c "import fused_dropout as f; assert f.has_cuda_kernels(); print('CUDA kernels: yes')" || { pack; exit 1; }
+# How far ahead of their first use the 16-byte loads are issued (NOTES.md): read from the SASS.
+$PY benchmarks/sass_load_distance.py --arch sm_90 >"$OUT/sass_load_distance.txt" 2>&1 || true
+cat "$OUT/sass_load_distance.txt"
 
 step "CUDA tests (slow ones included)"
 run_limited 200 "$OUT/tests.log" $PY -m pytest -q -m cuda --runslow tests -p no:cacheprovider -rfE || status=1
