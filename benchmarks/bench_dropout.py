@@ -9,6 +9,9 @@ many runs, and rotates through several inputs so that caches do not flatter smal
 GB/s counts the bytes dropout must move: the input read and the output written per pass
 (forward: x -> y; backward: grad_y -> grad_x), for every variant alike, so GB/s ratios are
 time ratios. "copy" is x.clone(): the same read, write and allocation with no dropout.
+Further rows: residual + dropout(x + bias) ("add: ..."), and dropout of images in
+channels_last memory ("channels_last: ...", the strided kernel) and channel-wise dropout2d
+("dropout2d: ...", the shared-mask kernel), each with a copy of its own layout.
 
 Writes results.md (the table), results.csv, results.json and gbps.png to --out.
 
@@ -45,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd F.dropout")
     parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
     parser.add_argument("--no-add", action="store_true", help="skip the dropout_add comparison")
+    parser.add_argument("--no-layouts", action="store_true", help="skip channels_last and dropout2d")
     parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
     parser.add_argument("--out", default="benchmarks/results/latest", help="output folder")
     return parser.parse_args(argv)
@@ -219,6 +223,38 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
     return results
 
 
+def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
+    """Forward on (N, 64, 32, 32) images: dropout of a channels_last tensor (the strided
+    kernel: the mask follows the logical index, not memory order) and channel-wise dropout2d
+    (the shared-mask kernel), each against PyTorch and a copy of the same layout."""
+    channels, height, width = 64, 32, 32
+    batch = max(1, numel // (channels * height * width))
+    shape = (batch, channels, height, width)
+    flat = rotation(batch * channels * height * width, dtype, device, cache_bytes)
+    images = [t.view(shape) for t in flat]
+    last = [t.contiguous(memory_format=torch.channels_last) for t in images]
+    next_image, next_last = cycle(images), cycle(last)
+    cases = {
+        "channels_last": (next_last, lambda x: F.dropout(x, p, training=True),
+                          lambda x: fused_dropout.dropout(x, p, training=True)),
+        "dropout2d": (next_image, lambda x: F.dropout2d(x, p, training=True),
+                      lambda x: fused_dropout.dropout2d(x, p, training=True)),
+    }
+    counted = 2 * images[0].numel() * images[0].element_size()
+    results = []
+    for case, (next_input, theirs, ours) in cases.items():
+        copy_time = timer(lambda: next_input().clone())
+        times = {"copy": copy_time, "F.dropout": timer(lambda: theirs(next_input())),
+                 "fused_dropout": timer(lambda: ours(next_input()))}
+        for name, seconds in times.items():
+            results.append({"dtype": str(dtype).replace("torch.", ""), "numel": images[0].numel(),
+                            "variant": f"{case}: {name}", "direction": "forward", "ms": seconds * 1e3,
+                            "GB/s": counted / seconds / 1e9, "pct_of_copy": 100.0 * copy_time / seconds,
+                            "saved_bytes": None})
+        results[-1]["speedup_vs_F.dropout"] = times["F.dropout"] / times["fused_dropout"]
+    return results
+
+
 def deep_mlp_peak_memory(device, dropout_cls, width=4096, depth=8, batch=8192):
     """Peak memory of one training step of a deep MLP with dropout after every layer."""
     torch.manual_seed(0)
@@ -276,7 +312,7 @@ def plot(results, path, title):
     for ax, dtype in zip(axes[0], dtypes):
         for variant in dict.fromkeys(r["variant"] for r in results):
             points = [r for r in results if r["dtype"] == dtype and r["variant"] == variant
-                      and r["direction"] == "forward" and not variant.startswith("add:")]
+                      and r["direction"] == "forward" and ": " not in variant]  # the flat-tensor rows
             if points:
                 ax.plot([r["numel"] for r in points], [r["GB/s"] for r in points], marker="o", label=variant)
         ax.set_xscale("log", base=2)
@@ -335,6 +371,8 @@ def main(argv=None):
             rows = measure_size(numel, dtype, device, p, timer, variants, cache_bytes)
             if not args.no_add:
                 rows += measure_dropout_add(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
+            if not args.no_layouts:
+                rows += measure_layouts(numel, dtype, device, p, timer, cache_bytes)
             results += rows
             ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
             print(f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "

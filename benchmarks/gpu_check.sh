@@ -145,11 +145,11 @@ grep -E "^(float32|bfloat16) +2\^28" "$OUT/cuda_variants.log" 2>/dev/null
 import json, sys
 data = json.load(open(sys.argv[1]))
 print(data["device"], data["date"])
-print(f"{'op':19} {'dtype':9} {'size':6} {'direction':17} {'ms':>8} {'% copy':>7} {'vs eager':>9} {'vs compiled':>12}")
+print(f"{'op':28} {'dtype':9} {'size':6} {'direction':17} {'ms':>8} {'% copy':>7} {'vs eager':>9} {'vs compiled':>12}")
 for r in data["results"]:
-    if r["variant"] in ("fused_dropout", "add: fused_dropout") and r["numel"] in (2**16, 2**26, 2**28):
+    if r["variant"].endswith("fused_dropout") and r["numel"] in (2**16, 2**26, 2**28):
         pct = "" if r["pct_of_copy"] != r["pct_of_copy"] else f"{r['pct_of_copy']:.0f}%"  # NaN: no copy row
-        print(f"{r['variant']:19} {r['dtype']:9} 2^{r['numel'].bit_length() - 1:<4} {r['direction']:17} {r['ms']:8.3f} "
+        print(f"{r['variant']:28} {r['dtype']:9} 2^{r['numel'].bit_length() - 1:<4} {r['direction']:17} {r['ms']:8.3f} "
               f"{pct:>7} {r.get('speedup_vs_F.dropout', 0):8.2f}x "
               f"{r.get('speedup_vs_compiled F.dropout', 0):11.2f}x")
 mem = data.get("deep_mlp_peak_memory_bytes")

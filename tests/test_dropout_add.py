@@ -43,6 +43,25 @@ def test_any_layout(device, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["residual_transposed", "residual_broadcast", "all_channels_last"])
+def test_long_runs_in_any_layout(device, dtype, layout):
+    # Rows longer than a CPU chunk, in layouts that are not row-major for every operand.
+    shape = (4, 48, 30, 40) if layout == "all_channels_last" else (64, 1500)
+    x = random_input(shape, dtype, device, seed=1)
+    residual = random_input(shape, dtype, device, seed=2)
+    if layout == "residual_transposed":
+        residual = random_input(shape[::-1], dtype, device, seed=2).t()
+    elif layout == "residual_broadcast":
+        residual = random_input((1, shape[-1]), dtype, device, seed=2).expand(shape)
+    else:
+        x, residual = (t.contiguous(memory_format=torch.channels_last) for t in (x, residual))
+    bias = random_input(shape[-1:], dtype, device, seed=3)
+    y = fused_dropout.dropout_add(x, residual, 0.3, bias=bias, seed=5, offset=2**32 - 7)
+    assert_bitwise_equal(y, unfused(x, residual, 0.3, 5, 2**32 - 7, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradients(device):
     x = random_input((6, 10), torch.float32, device).requires_grad_(True)
     residual = random_input((6, 10), torch.float32, device, seed=2).requires_grad_(True)

@@ -84,6 +84,31 @@ def test_mask_follows_logical_index_in_every_layout(device, layout):
     assert_bitwise_equal(y, reference.dropout(x, 0.4, 11, 5))
 
 
+def long_run_layouts(dtype, device):
+    """Layouts whose merged inner runs are longer than a CPU chunk (1024 elements), with
+    rows enough for several parallel tasks: each run is split, and each task starts mid-way."""
+    image = random_input((4, 48, 30, 40), dtype, device, seed=5)
+    return {
+        "channels_last": (image.contiguous(memory_format=torch.channels_last), ()),
+        "dropout2d": (image, (2, 3)),                                              # one word per run
+        "dropout2d_channels_last": (image.contiguous(memory_format=torch.channels_last), (2, 3)),
+        "locked_over_time": (random_input((20, 8, 1500), dtype, device, seed=6), (0,)),
+        "transposed": (random_input((3000, 70), dtype, device, seed=7).t(), ()),
+        "sliced": (random_input((64, 4000), dtype, device, seed=8)[:, ::2], ()),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "layout", ["channels_last", "dropout2d", "dropout2d_channels_last", "locked_over_time", "transposed", "sliced"]
+)
+def test_long_runs_in_any_layout_match_reference(device, dtype, layout):
+    x, shared_dims = long_run_layouts(dtype, device)[layout]
+    y = fused_dropout.dropout(x, 0.3, seed=2**40 + 9, offset=2**32 - 100, shared_dims=shared_dims)
+    assert_bitwise_equal(y, reference.dropout(x, 0.3, 2**40 + 9, 2**32 - 100, shared_dims))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_output_keeps_memory_format(device):
     x = random_input((2, 3, 4, 5), torch.float32, device).contiguous(memory_format=torch.channels_last)

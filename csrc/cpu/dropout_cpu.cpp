@@ -89,45 +89,73 @@ struct RngState {
   uint64_t base;
 };
 
-// Row-major walk over a tensor's logical indices that tracks the memory offsets of N
-// operands (input, output, ... and the mask index, whose "strides" are the mask layout's),
-// for layouts that are not plain row-major (permuted, channels_last, sliced) or masks shared
-// over some dims: the mask follows the logical index, whatever the memory order.
-template <int N>
-struct StridedWalk {
-  int64_t ndim;
-  const int64_t* sizes;
-  std::array<const int64_t*, N> strides;
-  std::array<int64_t, kMaxDims> index{};
-  std::array<int64_t, N> offset{};
+// Operand order in the layouts below: input, output, mask index, and residual for dropout_add.
+constexpr int kIn = 0, kOut = 1, kMask = 2, kRes = 3;
+constexpr int kOperands = 4;
 
-  void seek(int64_t linear) {
-    offset.fill(0);
-    for (int64_t d = ndim - 1; d >= 0; --d) {
-      index[d] = linear % sizes[d];
-      linear /= sizes[d];
-      for (int k = 0; k < N; ++k) offset[k] += index[d] * strides[k][d];
+// A tensor's logical (row-major) index space with adjacent dims merged wherever every operand
+// steps through them as through one dim, and dims of size 1 dropped. The logical order is
+// unchanged, so element r * inner + i of the merged view is the element of logical index
+// r * inner + i. The last dim is the inner run that the kernels loop over; for a mask shared
+// over the trailing dims (dropout2d) the run shares one mask value, for a full mask its mask
+// indices are consecutive.
+struct MergedLayout {
+  int64_t ndim = 0;
+  std::array<int64_t, kMaxDims> sizes{};
+  std::array<std::array<int64_t, kMaxDims>, kOperands> strides{};
+
+  int64_t inner() const { return ndim > 0 ? sizes[ndim - 1] : 1; }
+  int64_t stride(int operand) const { return ndim > 0 ? strides[operand][ndim - 1] : 0; }
+};
+
+MergedLayout merge_dims(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
+                        const at::Tensor& residual) {
+  const std::array<const int64_t*, kOperands> strides = {
+      input.strides().data(), output.strides().data(), mask.strides.data(),
+      residual.defined() ? residual.strides().data() : input.strides().data()};
+  MergedLayout merged;
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    const int64_t size = input.size(d);
+    if (size == 1) continue;
+    const int64_t last = merged.ndim - 1;
+    bool joins = last >= 0;
+    for (int k = 0; joins && k < kOperands; ++k) joins = merged.strides[k][last] == strides[k][d] * size;
+    if (joins) {
+      merged.sizes[last] *= size;
+      for (int k = 0; k < kOperands; ++k) merged.strides[k][last] = strides[k][d];
+    } else {
+      merged.sizes[merged.ndim] = size;
+      for (int k = 0; k < kOperands; ++k) merged.strides[k][merged.ndim] = strides[k][d];
+      ++merged.ndim;
     }
   }
-  C10_ALWAYS_INLINE void next() {
-    for (int64_t d = ndim - 1; d >= 0; --d) {
-      for (int k = 0; k < N; ++k) offset[k] += strides[k][d];
-      if (++index[d] < sizes[d]) return;
-      for (int k = 0; k < N; ++k) offset[k] -= index[d] * strides[k][d];
+  return merged;
+}
+
+// Row-major walk over the outer dims of a merged layout (all but the inner run), tracking
+// each operand's offset.
+struct RowWalk {
+  const MergedLayout& layout;
+  std::array<int64_t, kMaxDims> index{};
+  std::array<int64_t, kOperands> offset{};
+
+  void seek(int64_t row) {
+    offset.fill(0);
+    for (int64_t d = layout.ndim - 2; d >= 0; --d) {
+      index[d] = row % layout.sizes[d];
+      row /= layout.sizes[d];
+      for (int k = 0; k < kOperands; ++k) offset[k] += index[d] * layout.strides[k][d];
+    }
+  }
+  void next() {
+    for (int64_t d = layout.ndim - 2; d >= 0; --d) {
+      for (int k = 0; k < kOperands; ++k) offset[k] += layout.strides[k][d];
+      if (++index[d] < layout.sizes[d]) return;
+      for (int k = 0; k < kOperands; ++k) offset[k] -= index[d] * layout.strides[k][d];
       index[d] = 0;
     }
   }
 };
-
-// Operand order of the walks: input, output, mask index, and residual for dropout_add.
-constexpr int kIn = 0, kOut = 1, kMask = 2, kRes = 3;
-
-StridedWalk<4> operand_walk(const at::Tensor& input, const at::Tensor& output, const MaskLayout& layout,
-                            const at::Tensor& residual) {
-  const int64_t* res_strides = residual.defined() ? residual.strides().data() : input.strides().data();
-  return {input.dim(), input.sizes().data(),
-          {input.strides().data(), output.strides().data(), layout.strides.data(), res_strides}};
-}
 
 // A 2-byte type's elements as the raw bits the vector loops take.
 template <typename scalar_t>
@@ -139,93 +167,135 @@ uint16_t* as_bits(scalar_t* p) {
   return reinterpret_cast<uint16_t*>(p);
 }
 
-// Full mask: the mask index is the logical index, so random words come in batches. With
-// kAdd it computes residual + dropout(input + bias) instead (bias optional, along the last
-// dim); plain dropout passes undefined residual and bias.
+// Contiguous operands: out[i] = rule(in[i], words[i]) for i in [0, count), or with kAdd
+// res[i] + rule(in[i] + bias[column of i], words[i]), where column is element 0's index in
+// the last dim. The AVX-512 loops where the CPU has them, else a loop the compiler vectorises.
 template <typename scalar_t, bool kAdd>
-void apply_full_mask(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
-                     const MaskLayout& layout, RngState state, const OutputRule<scalar_t>& op) {
+void apply_run(const scalar_t* in, const scalar_t* res, const scalar_t* bias, int64_t column, int64_t last_size,
+               scalar_t* out, const uint32_t* words, int64_t count, const OutputRule<scalar_t>& op) {
+  const InnerLoops& loops = InnerLoops::get();
+  if constexpr (!kAdd) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (loops.apply_float != nullptr) return loops.apply_float(in, out, words, count, op);
+    }
+    if (const Apply2ByteFn apply = loops.two_byte<scalar_t>().first) {
+      return apply(as_bits(in), as_bits(out), words, count, op.keep, op.scale);
+    }
+    for (int64_t i = 0; i < count; ++i) out[i] = op(in[i], words[i]);
+  } else {
+    if (const Apply2ByteAddFn apply = loops.two_byte<scalar_t>().second) {
+      return apply(as_bits(in), as_bits(res), as_bits(bias), column, last_size, as_bits(out), words, count, op.keep,
+                   op.scale);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      scalar_t x = in[i];
+      if (bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, bias[column]);
+      out[i] = op.add_to(res[i], x, words[i]);
+      if (++column == last_size) column = 0;
+    }
+  }
+}
+
+// Row-major operands and a full mask: the mask index is the memory index, so the random
+// words come in batches of whole Philox groups and every batch is one contiguous run.
+template <typename scalar_t, bool kAdd>
+void apply_row_major(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
+                     RngState state, const OutputRule<scalar_t>& op) {
   const int64_t numel = input.numel();
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   const scalar_t* res = kAdd ? residual.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* b = kAdd && bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  const bool row_major = input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous());
-  const int64_t last_dim = input.dim() - 1;  // where the bias runs
-  const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
+  const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;  // where the bias runs
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
   const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
-    StridedWalk<4> walk = operand_walk(input, output, layout, residual);
-    if (!row_major) walk.seek(group_begin * 4);
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
       loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
       const int64_t first = g * 4;
-      const int64_t count = std::min(batch * 4, numel - first);
-      if (row_major && !kAdd) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (loops.apply_float != nullptr) {
-            loops.apply_float(in + first, out + first, words, count, op);
-            continue;
-          }
-        }
-        if (const Apply2ByteFn apply = loops.two_byte<scalar_t>().first) {
-          apply(as_bits(in + first), as_bits(out + first), words, count, op.keep, op.scale);
-          continue;
-        }
-        for (int64_t i = 0; i < count; ++i) out[first + i] = op(in[first + i], words[i]);
-      } else if (row_major) {
-        int64_t column = first % last_size;
-        if (const Apply2ByteAddFn apply = loops.two_byte<scalar_t>().second) {
-          apply(as_bits(in + first), as_bits(res + first), as_bits(b), column, last_size, as_bits(out + first), words,
-                count, op.keep, op.scale);
-          continue;
-        }
-        for (int64_t i = 0; i < count; ++i) {
-          scalar_t x = in[first + i];
-          if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[column]);
-          out[first + i] = op.add_to(res[first + i], x, words[i]);
-          if (++column == last_size) column = 0;
-        }
-      } else {
-        for (int64_t i = 0; i < count; ++i) {
-          if constexpr (kAdd) {
-            scalar_t x = in[walk.offset[kIn]];
-            if (b != nullptr) x = OutputRule<scalar_t>::plus_bias(x, b[walk.index[last_dim]]);
-            out[walk.offset[kOut]] = op.add_to(res[walk.offset[kRes]], x, words[i]);
-          } else {
-            out[walk.offset[kOut]] = op(in[walk.offset[kIn]], words[i]);
-          }
-          walk.next();
-        }
-      }
+      apply_run<scalar_t, kAdd>(in + first, kAdd ? res + first : nullptr, b, first % last_size, last_size,
+                                out + first, words, std::min(batch * 4, numel - first), op);
     }
   });
 }
 
-// Mask shared over some dims: neighbouring elements mostly reuse one mask value (channel-
-// wise dropout) or walk consecutive mask indices (dropout locked over time), so each task
-// keeps the Philox group it computed last.
-template <typename scalar_t>
-void apply_shared_mask(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
-                       const OutputRule<scalar_t>& op) {
+// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims, in the
+// merged layout's inner runs, a chunk of up to kChunk elements at a time: first the chunk's
+// random words (one value for a run that shares it, whole Philox groups for consecutive mask
+// indices, else one group per element, kept while the index stays in it), then the output
+// rule, with the contiguous loops where the operands are contiguous along the run.
+template <typename scalar_t, bool kAdd>
+void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
+                   const MaskLayout& mask, RngState state, const OutputRule<scalar_t>& op) {
+  constexpr int64_t kChunk = 4 * kBatchGroups;
+  const MergedLayout layout = merge_dims(input, output, mask, residual);
+  const int64_t inner = layout.inner();
+  const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
+  const int64_t rows = input.numel() / inner;
   const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* res = kAdd ? residual.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b = kAdd && bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, input.numel(), kGrainGroups * 4, [&](int64_t begin, int64_t end) {
-    StridedWalk<4> walk = operand_walk(input, output, layout, at::Tensor());
-    walk.seek(begin);
-    int64_t cached_group = -1;
-    PhiloxWords words{};
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t mask_index = walk.offset[kMask];
-      if ((mask_index >> 2) != cached_group) {
-        cached_group = mask_index >> 2;
-        words = mask_words(state.seed, state.base, static_cast<uint64_t>(cached_group));
+  const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
+  const int64_t in_step = layout.stride(kIn), out_step = layout.stride(kOut), mask_step = layout.stride(kMask);
+  const int64_t res_step = layout.stride(kRes);
+  const bool contiguous_run = in_step == 1 && out_step == 1 && (!kAdd || res_step == 1);
+  const InnerLoops& loops = InnerLoops::get();
+  const int64_t grain = std::max<int64_t>(1, kGrainGroups * 4 / std::min(inner, kChunk));
+  at::parallel_for(0, rows * chunks_per_row, grain, [&](int64_t unit_begin, int64_t unit_end) {
+    alignas(64) uint32_t group_words[4 * (kBatchGroups + 1)];
+    alignas(64) uint32_t words[kChunk];
+    RowWalk walk{layout};
+    int64_t row = unit_begin / chunks_per_row;
+    walk.seek(row);
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      if (unit / chunks_per_row != row) {
+        row = unit / chunks_per_row;
+        walk.next();
       }
-      out[walk.offset[kOut]] = op(in[walk.offset[kIn]], words.w[mask_index & 3]);
-      walk.next();
+      const int64_t start = (unit % chunks_per_row) * kChunk;
+      const int64_t count = std::min(kChunk, inner - start);
+      const int64_t first_mask = walk.offset[kMask] + start * mask_step;
+      const uint32_t* run_words = words;
+      if (mask_step == 1) {  // a full mask: consecutive indices, whole groups in one batch
+        const int64_t first_group = first_mask >> 2;
+        loops.fill_words(state.seed, state.base, static_cast<uint64_t>(first_group),
+                         ((first_mask + count - 1) >> 2) - first_group + 1, group_words);
+        run_words = group_words + (first_mask & 3);
+      } else if (mask_step == 0) {  // shared along the run
+        std::fill_n(words, count, mask_words(state.seed, state.base, first_mask >> 2).w[first_mask & 3]);
+      } else {
+        int64_t cached_group = -1;
+        PhiloxWords w{};
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t index = first_mask + i * mask_step;
+          if ((index >> 2) != cached_group) {
+            cached_group = index >> 2;
+            w = mask_words(state.seed, state.base, static_cast<uint64_t>(cached_group));
+          }
+          words[i] = w.w[index & 3];
+        }
+      }
+      const scalar_t* x = in + walk.offset[kIn] + start * in_step;
+      const scalar_t* r = kAdd ? res + walk.offset[kRes] + start * res_step : nullptr;
+      scalar_t* y = out + walk.offset[kOut] + start * out_step;
+      int64_t column = (row * inner + start) % last_size;  // the logical index's place in the last dim
+      if (contiguous_run) {
+        apply_run<scalar_t, kAdd>(x, r, b, column, last_size, y, run_words, count, op);
+        continue;
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        if constexpr (kAdd) {
+          scalar_t v = x[i * in_step];
+          if (b != nullptr) v = OutputRule<scalar_t>::plus_bias(v, b[column]);
+          y[i * out_step] = op.add_to(r[i * res_step], v, run_words[i]);
+          if (++column == last_size) column = 0;
+        } else {
+          y[i * out_step] = op(x[i * in_step], run_words[i]);
+        }
+      }
     }
   });
 }
@@ -235,10 +305,10 @@ void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayou
   if (input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
     const auto op = OutputRule<scalar_t>::for_p(p);
-    if (layout.shared) {
-      apply_shared_mask<scalar_t>(input, output, layout, state, op);
+    if (!layout.shared && input.is_contiguous() && output.is_contiguous()) {
+      apply_row_major<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, state, op);
     } else {
-      apply_full_mask<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, op);
+      apply_by_runs<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, op);
     }
   });
 }
@@ -322,8 +392,12 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   if (input.numel() == 0) return {output, state_tensor(state)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
-    apply_full_mask<scalar_t, true>(input, residual, bias_contiguous, output, layout, state,
-                                    OutputRule<scalar_t>::for_p(p));
+    const auto op = OutputRule<scalar_t>::for_p(p);
+    if (input.is_contiguous() && residual.is_contiguous() && output.is_contiguous()) {
+      apply_row_major<scalar_t, true>(input, residual, bias_contiguous, output, state, op);
+    } else {
+      apply_by_runs<scalar_t, true>(input, residual, bias_contiguous, output, layout, state, op);
+    }
   });
   return {output, state_tensor(state)};
 }
