@@ -10,12 +10,10 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include "layout.h"
 #include "philox.h"
 
 namespace fused_dropout {
-
-// Most dims a kernel walks; tensors beyond it get an error, never a wrong result.
-constexpr int64_t kMaxDims = 25;
 
 // The output rule of philox.h with ATen's accumulation type: float for float16, bfloat16
 // and float32, double for float64.
@@ -53,6 +51,10 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
 
 // Checks the arguments of the raw generator op: counter int64[N, 4], key int64[N, 2], same device.
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key);
+
+// The merged walk (layout.h) of input, output, mask and residual (residual may be undefined).
+MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
+                           const at::Tensor& residual);
 
 // The output of an out-of-place call: same shape, dtype, device and memory format as the input.
 at::Tensor empty_output_like(const at::Tensor& input);

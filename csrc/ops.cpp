@@ -128,6 +128,13 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
   return mask_layout(op, input, {});
 }
 
+MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
+                           const at::Tensor& residual) {
+  const int64_t* residual_strides = residual.defined() ? residual.strides().data() : input.strides().data();
+  return merge_dims(input.dim(), input.sizes().data(),
+                    {input.strides().data(), output.strides().data(), mask.strides.data(), residual_strides});
+}
+
 at::Tensor empty_output_like(const at::Tensor& input) {
   return at::empty_like(input, at::MemoryFormat::Preserve);
 }

@@ -1,14 +1,18 @@
-// Runs the row-major CUDA kernel's source (csrc/cuda/row_major_kernel.cuh) on the CPU: every
-// (block, thread) of the launch that dropout_cuda.cu would make runs the kernel body in turn,
-// and the output is compared bit for bit with a plain loop over the elements of the mask
-// rule. This checks the kernel's indexing (full and partial steps, aligned and unaligned
-// operands, the bias column) wherever a C++ compiler is, GPU or not.
+// Runs the CUDA kernels' source (csrc/cuda/kernels.cuh) on the CPU: every (block, thread) of
+// the launch that dropout_cuda.cu would make runs the kernel body in turn, and the output is
+// compared bit for bit with a plain loop over the elements of the mask rule. This checks the
+// kernels' indexing wherever a C++ compiler is, GPU or not: for the row-major kernel the full
+// and partial steps, aligned and unaligned operands and the bias column; for the strided
+// kernel permuted, channels_last, sliced, expanded and transposed operands and shared masks,
+// walked in the merged layout (csrc/layout.h) that dropout_cuda.cu launches it with.
 // Built and run by tests/test_cuda_kernel_on_host.py; exits non-zero on any difference.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 // The CUDA keywords and launch indices the kernel source uses, for a host compiler.
@@ -21,7 +25,7 @@ struct LaunchIndex {
 };
 static LaunchIndex blockIdx, threadIdx;
 
-#include "cuda/row_major_kernel.cuh"
+#include "cuda/kernels.cuh"
 
 namespace fused_dropout {
 
@@ -98,12 +102,143 @@ int failures(std::mt19937& gen) {
   return failed;
 }
 
+// A strided operand set, as the ops see it: sizes, each operand's strides (input, output,
+// mask index, residual), and which dims the mask shares.
+struct StridedCase {
+  std::string name;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> in, out;
+  std::vector<int64_t> res;          // empty: row-major
+  std::vector<int64_t> shared_dims;  // dims with one mask value
+};
+
+std::vector<int64_t> row_major(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t step = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = step;
+    step *= sizes[d];
+  }
+  return strides;
+}
+
+std::vector<int64_t> permuted(const std::vector<int64_t>& strides, const std::vector<int>& order) {
+  std::vector<int64_t> out;
+  for (const int d : order) out.push_back(strides[d]);
+  return out;
+}
+
+// The mask layout of ops.cpp: row-major strides of the mask shape, 0 along shared dims.
+std::vector<int64_t> mask_strides(const std::vector<int64_t>& sizes, const std::vector<int64_t>& shared) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t step = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    const bool is_shared = std::find(shared.begin(), shared.end(), d) != shared.end();
+    strides[d] = is_shared ? 0 : step;
+    step *= is_shared ? 1 : sizes[d];
+  }
+  return strides;
+}
+
+int64_t span(const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
+  int64_t last = 0;
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  return last + 1;
+}
+
+template <typename T, bool kAdd>
+bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
+  const std::vector<int64_t> res_strides = c.res.empty() ? row_major(c.sizes) : c.res;
+  const std::vector<int64_t> mask = mask_strides(c.sizes, c.shared_dims);
+  const int64_t numel = std::accumulate(c.sizes.begin(), c.sizes.end(), int64_t{1}, std::multiplies<>());
+  std::normal_distribution<float> normal;
+  const auto fresh = [&](int64_t n) {
+    std::vector<T> v(n);
+    for (auto& e : v) e = T(normal(gen));
+    return v;
+  };
+  const std::vector<T> in = fresh(span(c.sizes, c.in)), res = fresh(span(c.sizes, res_strides));
+  const std::vector<T> bias = fresh(c.sizes.back());
+  std::vector<T> out(span(c.sizes, c.out), T(7.0f)), want(out);
+  const auto rule = OutputRule<T>::for_p(0.4);
+  const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
+  const Operands<T> ops{in.data(), kAdd ? res.data() : nullptr, kAdd ? bias.data() : nullptr, out.data(), numel,
+                        c.sizes.back()};
+  const MergedLayout layout = merge_dims(static_cast<int64_t>(c.sizes.size()), c.sizes.data(),
+                                         {c.in.data(), c.out.data(), mask.data(), res_strides.data()});
+  const int64_t blocks = std::max<int64_t>(1, ((numel + 3) / 4 + kThreads - 1) / kThreads);
+  for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
+    for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
+      strided_kernel<T, kAdd>(ops, layout, state, rule);
+    }
+  }
+  // The plain walk: every logical index, its offsets from the unmerged strides.
+  for (int64_t linear = 0; linear < numel; ++linear) {
+    int64_t rest = linear, in_offset = 0, out_offset = 0, res_offset = 0, mask_index = 0, column = 0;
+    for (int64_t d = static_cast<int64_t>(c.sizes.size()) - 1; d >= 0; --d) {
+      const int64_t index = rest % c.sizes[d];
+      rest /= c.sizes[d];
+      if (d == static_cast<int64_t>(c.sizes.size()) - 1) column = index;
+      in_offset += index * c.in[d];
+      out_offset += index * c.out[d];
+      res_offset += index * res_strides[d];
+      mask_index += index * mask[d];
+    }
+    const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
+    want[out_offset] = kAdd ? rule.add_to(res[res_offset], OutputRule<T>::plus_bias(in[in_offset], bias[column]), word)
+                            : rule(in[in_offset], word);
+  }
+  if (std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0) return true;
+  std::printf("differs: strided kernel, %zu-byte type, %s, add=%d (merged into %lld dims)\n", sizeof(T),
+              c.name.c_str(), kAdd, static_cast<long long>(layout.ndim));
+  return false;
+}
+
+std::vector<StridedCase> strided_cases() {
+  std::vector<StridedCase> cases;
+  const std::vector<int64_t> image = {4, 6, 5, 8};
+  const auto rm = row_major(image);
+  const std::vector<int64_t> permuted_sizes = {5, 4, 8, 6};
+  const auto permuted_strides = permuted(rm, {2, 0, 3, 1});
+  cases.push_back({"permuted", permuted_sizes, permuted_strides, permuted_strides, {}, {}});
+  const std::vector<int64_t> nchw = {2, 16, 7, 9};
+  const std::vector<int64_t> channels_last = {16 * 7 * 9, 1, 9 * 16, 16};
+  cases.push_back({"channels_last", nchw, channels_last, channels_last, channels_last, {}});
+  cases.push_back({"channels_last, dropout2d", nchw, channels_last, channels_last, {}, {2, 3}});
+  cases.push_back({"dropout2d", {3, 5, 6, 7}, row_major({3, 5, 6, 7}), row_major({3, 5, 6, 7}), {}, {2, 3}});
+  cases.push_back({"locked over time", {9, 4, 33}, row_major({9, 4, 33}), row_major({9, 4, 33}), {}, {0}});
+  const std::vector<int64_t> sliced_sizes = {4, 3, 4, 3};
+  cases.push_back({"sliced", sliced_sizes, {240, 80, 8, 3}, row_major(sliced_sizes), {}, {}});
+  cases.push_back({"expanded", image, {0, 8, 0, 1}, rm, {}, {}});
+  cases.push_back({"residual transposed", {6, 40}, {40, 1}, {40, 1}, {1, 6}, {}});
+  cases.push_back({"all dims of size 1", {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {}, {}});
+  cases.push_back({"transposed, many blocks", {64, 300}, {1, 64}, {1, 64}, {}, {}});
+  cases.push_back({"sliced rows, many blocks", {40, 700}, {2800, 2}, row_major({40, 700}), {}, {}});
+  return cases;
+}
+
+template <typename T>
+int strided_failures(std::mt19937& gen) {
+  int failed = 0, cases = 0;
+  for (const StridedCase& c : strided_cases()) {
+    failed += !strided_kernel_matches_rule<T, false>(c, gen);
+    ++cases;
+    if (c.shared_dims.empty()) {  // dropout_add draws a full mask
+      failed += !strided_kernel_matches_rule<T, true>(c, gen);
+      ++cases;
+    }
+  }
+  std::printf("strided kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
+  return failed;
+}
+
 }  // namespace fused_dropout
 
 int main() {
   using namespace fused_dropout;
   std::mt19937 gen(2024);
   const int failed = failures<float>(gen) + failures<double>(gen) + failures<c10::Half>(gen) +
-                     failures<c10::BFloat16>(gen);
+                     failures<c10::BFloat16>(gen) + strided_failures<float>(gen) + strided_failures<double>(gen) +
+                     strided_failures<c10::Half>(gen) + strided_failures<c10::BFloat16>(gen);
   return failed == 0 ? 0 : 1;
 }

@@ -89,49 +89,6 @@ struct RngState {
   uint64_t base;
 };
 
-// Operand order in the layouts below: input, output, mask index, and residual for dropout_add.
-constexpr int kIn = 0, kOut = 1, kMask = 2, kRes = 3;
-constexpr int kOperands = 4;
-
-// A tensor's logical (row-major) index space with adjacent dims merged wherever every operand
-// steps through them as through one dim, and dims of size 1 dropped. The logical order is
-// unchanged, so element r * inner + i of the merged view is the element of logical index
-// r * inner + i. The last dim is the inner run that the kernels loop over; for a mask shared
-// over the trailing dims (dropout2d) the run shares one mask value, for a full mask its mask
-// indices are consecutive.
-struct MergedLayout {
-  int64_t ndim = 0;
-  std::array<int64_t, kMaxDims> sizes{};
-  std::array<std::array<int64_t, kMaxDims>, kOperands> strides{};
-
-  int64_t inner() const { return ndim > 0 ? sizes[ndim - 1] : 1; }
-  int64_t stride(int operand) const { return ndim > 0 ? strides[operand][ndim - 1] : 0; }
-};
-
-MergedLayout merge_dims(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
-                        const at::Tensor& residual) {
-  const std::array<const int64_t*, kOperands> strides = {
-      input.strides().data(), output.strides().data(), mask.strides.data(),
-      residual.defined() ? residual.strides().data() : input.strides().data()};
-  MergedLayout merged;
-  for (int64_t d = 0; d < input.dim(); ++d) {
-    const int64_t size = input.size(d);
-    if (size == 1) continue;
-    const int64_t last = merged.ndim - 1;
-    bool joins = last >= 0;
-    for (int k = 0; joins && k < kOperands; ++k) joins = merged.strides[k][last] == strides[k][d] * size;
-    if (joins) {
-      merged.sizes[last] *= size;
-      for (int k = 0; k < kOperands; ++k) merged.strides[k][last] = strides[k][d];
-    } else {
-      merged.sizes[merged.ndim] = size;
-      for (int k = 0; k < kOperands; ++k) merged.strides[k][merged.ndim] = strides[k][d];
-      ++merged.ndim;
-    }
-  }
-  return merged;
-}
-
 // Row-major walk over the outer dims of a merged layout (all but the inner run), tracking
 // each operand's offset.
 struct RowWalk {
@@ -230,7 +187,7 @@ template <typename scalar_t, bool kAdd>
 void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
                    const MaskLayout& mask, RngState state, const OutputRule<scalar_t>& op) {
   constexpr int64_t kChunk = 4 * kBatchGroups;
-  const MergedLayout layout = merge_dims(input, output, mask, residual);
+  const MergedLayout layout = merged_layout(input, output, mask, residual);
   const int64_t inner = layout.inner();
   const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
   const int64_t rows = input.numel() / inner;
@@ -239,8 +196,8 @@ void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at
   const scalar_t* b = kAdd && bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
-  const int64_t in_step = layout.stride(kIn), out_step = layout.stride(kOut), mask_step = layout.stride(kMask);
-  const int64_t res_step = layout.stride(kRes);
+  const int64_t in_step = layout.inner_stride(kIn), out_step = layout.inner_stride(kOut);
+  const int64_t mask_step = layout.inner_stride(kMask), res_step = layout.inner_stride(kRes);
   const bool contiguous_run = in_step == 1 && out_step == 1 && (!kAdd || res_step == 1);
   const InnerLoops& loops = InnerLoops::get();
   const int64_t grain = std::max<int64_t>(1, kGrainGroups * 4 / std::min(inner, kChunk));

@@ -15,7 +15,7 @@
 #include <torch/library.h>
 
 #include "../dropout.h"
-#include "row_major_kernel.cuh"
+#include "kernels.cuh"
 
 namespace fused_dropout {
 namespace {
@@ -46,62 +46,11 @@ __device__ __forceinline__ void resolve_state(const StateSource& src, uint64_t& 
   }
 }
 
-// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims: each
-// thread maps four consecutive logical indices to the operands' offsets and the mask index,
-// and keeps the Philox group it computed last (a shared mask value, or the next words).
-struct StridedLayout {
-  int ndim;
-  int64_t sizes[kMaxDims];
-  int64_t in_strides[kMaxDims];
-  int64_t res_strides[kMaxDims];  // kAdd only
-  int64_t out_strides[kMaxDims];
-  int64_t mask_strides[kMaxDims];
-};
-
-template <typename scalar_t, bool kAdd>
-__global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> ops, StridedLayout layout,
-                                                           StateSource src, OutputRule<scalar_t> rule) {
-  uint64_t seed, base;
-  resolve_state(src, seed, base);
-  const int64_t quads = (ops.numel + 3) / 4;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; q < quads; q += stride) {
-    int64_t cached_group = -1;
-    PhiloxWords w{};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t linear = q * 4 + j;
-      if (linear >= ops.numel) break;
-      int64_t rest = linear, in_offset = 0, res_offset = 0, out_offset = 0, mask_index = 0;
-      for (int d = layout.ndim - 1; d >= 0; --d) {
-        const int64_t index = rest % layout.sizes[d];
-        rest /= layout.sizes[d];
-        in_offset += index * layout.in_strides[d];
-        if (kAdd) res_offset += index * layout.res_strides[d];
-        out_offset += index * layout.out_strides[d];
-        mask_index += index * layout.mask_strides[d];
-      }
-      if ((mask_index >> 2) != cached_group) {
-        cached_group = mask_index >> 2;
-        w = mask_words(seed, base, static_cast<uint64_t>(cached_group));
-      }
-      const uint32_t word = w.w[mask_index & 3];
-      if (kAdd) {
-        scalar_t x = ops.in[in_offset];
-        if (ops.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, ops.bias[linear % ops.last_size]);
-        ops.out[out_offset] = rule.add_to(ops.res[res_offset], x, word);
-      } else {
-        ops.out[out_offset] = rule(ops.in[in_offset], word);
-      }
-    }
-  }
-}
-
 // Blocks for one work item per thread. This moved 100% of cudaMemcpy's bandwidth on an H100,
 // where a grid of resident blocks looping over the work moved 88-93%
 // (benchmarks/cuda_variants.cu, NOTES.md). The mask does not depend on the grid, only on the
-// logical index. The row-major kernel relies on the grid covering all of its work; the
-// largest grid covers 2^31 - 1 blocks of 4 KiB, far beyond any GPU's memory.
+// logical index. The kernels rely on the grid covering all of their work (they do not loop);
+// the largest grid covers 2^31 - 1 blocks of 256 work items, far beyond any GPU's memory.
 int grid_for(int64_t work_items) {
   constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
   const int64_t needed = (work_items + kThreads - 1) / kThreads;
@@ -145,15 +94,7 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    StridedLayout layout{};
-    layout.ndim = static_cast<int>(input.dim());
-    for (int d = 0; d < layout.ndim; ++d) {
-      layout.sizes[d] = input.size(d);
-      layout.in_strides[d] = input.stride(d);
-      layout.res_strides[d] = kAdd ? residual.stride(d) : 0;
-      layout.out_strides[d] = output.stride(d);
-      layout.mask_strides[d] = mask.strides[d];
-    }
+    const MergedLayout layout = merged_layout(input, output, mask, residual);
     strided_kernel<scalar_t, kAdd><<<grid_for((ops.numel + 3) / 4), kThreads, 0, stream>>>(ops, layout, src, rule);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

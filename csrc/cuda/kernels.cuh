@@ -1,5 +1,5 @@
-// The row-major CUDA kernel of dropout and dropout_add, where the logical index is the
-// memory index. It is plain C++ apart from the CUDA keywords and the launch indices, so that
+// The CUDA kernels of dropout and dropout_add: row-major operands, and any other layout. They
+// are plain C++ apart from the CUDA keywords and the launch indices, so that
 // tests/cuda_kernel_on_host.cpp can run this very source on the CPU, one (block, thread) at a
 // time, where no GPU is present. `resolve_state(src, seed, base)` is found by argument-
 // dependent lookup on the state source type: dropout_cuda.cu reads the generator's state on
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../dropout.h"
+#include "../layout.h"
 
 namespace fused_dropout {
 
@@ -107,6 +108,47 @@ __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t>
     contiguous_step<scalar_t, kAligned, kAdd, kBias, /*kFull=*/true>(ops, seed, base, rule, first);
   } else if (first < ops.numel) {
     contiguous_step<scalar_t, kAligned, kAdd, kBias, /*kFull=*/false>(ops, seed, base, rule, first);
+  }
+}
+
+// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims, walked
+// in the merged layout (layout.h): each thread maps four consecutive logical indices to the
+// operands' offsets and the mask index, and keeps the Philox group it computed last (a shared
+// mask value, or the next words).
+template <typename scalar_t, bool kAdd, typename StateSource>
+__global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> ops, MergedLayout layout,
+                                                           StateSource src, OutputRule<scalar_t> rule) {
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t quad = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  int64_t cached_group = -1;
+  PhiloxWords w{};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t linear = quad * 4 + j;
+    if (linear >= ops.numel) break;
+    int64_t rest = linear, offset[kOperands] = {};
+    for (int64_t d = layout.ndim - 1; d >= 0; --d) {
+      const int64_t index = rest % layout.sizes[d];
+      rest /= layout.sizes[d];
+#pragma unroll
+      for (int k = 0; k < kOperands; ++k) {
+        if (kAdd || k != kRes) offset[k] += index * layout.strides[k][d];
+      }
+    }
+    const int64_t mask_index = offset[kMask];
+    if ((mask_index >> 2) != cached_group) {
+      cached_group = mask_index >> 2;
+      w = mask_words(seed, base, static_cast<uint64_t>(cached_group));
+    }
+    const uint32_t word = w.w[mask_index & 3];
+    if (kAdd) {
+      scalar_t x = ops.in[offset[kIn]];
+      if (ops.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, ops.bias[linear % ops.last_size]);
+      ops.out[offset[kOut]] = rule.add_to(ops.res[offset[kRes]], x, word);
+    } else {
+      ops.out[offset[kOut]] = rule(ops.in[offset[kIn]], word);
+    }
   }
 }
 

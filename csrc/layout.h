@@ -1,0 +1,47 @@
+// How the kernels walk a tensor that is not one row-major run (permuted, channels_last,
+// sliced, or with a mask shared over some dims). Free of ATen, like philox.h, so that the CUDA
+// kernels' host test can use it as they do.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+namespace fused_dropout {
+
+// Most dims a kernel walks; tensors beyond it get an error, never a wrong result.
+constexpr int64_t kMaxDims = 25;
+
+// The operands a walk tracks: input, output, the mask index, and dropout_add's residual.
+constexpr int kIn = 0, kOut = 1, kMask = 2, kRes = 3, kOperands = 4;
+
+// A tensor's logical (row-major) index space with dims of size 1 dropped and adjacent dims
+// merged wherever every operand steps through them as through one dim (outer stride = inner
+// stride * inner size). The logical order is unchanged: element r * inner + i of the merged
+// view is the element of logical index r * inner + i. Fewer dims mean fewer divisions per
+// element on CUDA and longer inner runs on the CPU; a channel-wise mask over a contiguous
+// (N, C, H, W) input becomes (N*C, H*W) with one mask value per run.
+struct MergedLayout {
+  int64_t ndim = 0;
+  int64_t sizes[kMaxDims] = {};
+  int64_t strides[kOperands][kMaxDims] = {};
+
+  int64_t inner() const { return ndim > 0 ? sizes[ndim - 1] : 1; }
+  int64_t inner_stride(int operand) const { return ndim > 0 ? strides[operand][ndim - 1] : 0; }
+};
+
+// `strides[k]` holds operand k's stride for each of the ndim dims of `sizes`.
+inline MergedLayout merge_dims(int64_t ndim, const int64_t* sizes, const std::array<const int64_t*, kOperands>& strides) {
+  MergedLayout merged;
+  for (int64_t d = 0; d < ndim; ++d) {
+    if (sizes[d] == 1) continue;
+    const int64_t last = merged.ndim - 1;
+    bool joins = last >= 0;
+    for (int k = 0; joins && k < kOperands; ++k) joins = merged.strides[k][last] == strides[k][d] * sizes[d];
+    const int64_t target = joins ? last : merged.ndim++;
+    merged.sizes[target] = joins ? merged.sizes[target] * sizes[d] : sizes[d];
+    for (int k = 0; k < kOperands; ++k) merged.strides[k][target] = strides[k][d];
+  }
+  return merged;
+}
+
+}  // namespace fused_dropout
