@@ -182,7 +182,7 @@ void apply_row_major(const at::Tensor& input, const at::Tensor& residual, const 
 // merged layout's inner runs, a chunk of up to kChunk elements at a time: first the chunk's
 // random words (one value for a run that shares it, whole Philox groups for consecutive mask
 // indices, else one group per element, kept while the index stays in it), then the output
-// rule, with the contiguous loops where the operands are contiguous along the run.
+// rule in the contiguous loops, on the run itself or on a gathered copy of a strided run.
 template <typename scalar_t, bool kAdd>
 void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
                    const MaskLayout& mask, RngState state, const OutputRule<scalar_t>& op) {
@@ -204,6 +204,7 @@ void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at
   at::parallel_for(0, rows * chunks_per_row, grain, [&](int64_t unit_begin, int64_t unit_end) {
     alignas(64) uint32_t group_words[4 * (kBatchGroups + 1)];
     alignas(64) uint32_t words[kChunk];
+    alignas(64) scalar_t x_run[kChunk], res_run[kAdd ? kChunk : 1], y_run[kChunk];
     RowWalk walk{layout};
     int64_t row = unit_begin / chunks_per_row;
     walk.seek(row);
@@ -243,16 +244,14 @@ void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at
         apply_run<scalar_t, kAdd>(x, r, b, column, last_size, y, run_words, count, op);
         continue;
       }
-      for (int64_t i = 0; i < count; ++i) {
-        if constexpr (kAdd) {
-          scalar_t v = x[i * in_step];
-          if (b != nullptr) v = OutputRule<scalar_t>::plus_bias(v, b[column]);
-          y[i * out_step] = op.add_to(r[i * res_step], v, run_words[i]);
-          if (++column == last_size) column = 0;
-        } else {
-          y[i * out_step] = op(x[i * in_step], run_words[i]);
-        }
+      // A strided run is gathered into contiguous buffers, so that it too takes the vector
+      // loops (the 2-byte conversions above all), and the result is scattered back.
+      for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * in_step];
+      if constexpr (kAdd) {
+        for (int64_t i = 0; i < count; ++i) res_run[i] = r[i * res_step];
       }
+      apply_run<scalar_t, kAdd>(x_run, res_run, b, column, last_size, y_run, run_words, count, op);
+      for (int64_t i = 0; i < count; ++i) y[i * out_step] = y_run[i];
     }
   });
 }
