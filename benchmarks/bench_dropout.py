@@ -116,6 +116,15 @@ def cycle(items):
     return next_item
 
 
+def result_row(dtype, numel, variant, direction, seconds, counted_bytes, copy_seconds=None, saved_bytes=None):
+    """One row of the results: time, GB/s of the counted bytes, and % of a copy's speed
+    (NaN where no copy of the same bytes was timed)."""
+    return {"dtype": str(dtype).replace("torch.", ""), "numel": numel, "variant": variant, "direction": direction,
+            "ms": seconds * 1e3, "GB/s": counted_bytes / seconds / 1e9,
+            "pct_of_copy": float("nan") if copy_seconds is None else 100.0 * copy_seconds / seconds,
+            "saved_bytes": saved_bytes}
+
+
 def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
     inputs = rotation(numel, dtype, device, cache_bytes)
     leaves = [x.clone().requires_grad_(True) for x in inputs[:2]]
@@ -167,19 +176,9 @@ def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
         for direction, seconds in times.items():
             if direction == "saved_bytes":
                 continue
-            counted = pass_bytes * (2 if direction == "forward+backward" else 1)
-            gbps = counted / seconds / 1e9
-            entry = {
-                "dtype": str(dtype).replace("torch.", ""),
-                "numel": numel,
-                "variant": name,
-                "direction": direction,
-                "ms": seconds * 1e3,
-                "GB/s": gbps,
-                "pct_of_copy": 100.0 * gbps / (pass_bytes / copy_time / 1e9),
-                "saved_bytes": times.get("saved_bytes"),
-            }
-            results.append(entry)
+            passes = 2 if direction == "forward+backward" else 1
+            results.append(result_row(dtype, numel, name, direction, seconds, pass_bytes * passes,
+                                      copy_time * passes, times.get("saved_bytes")))
     # Ratios to the PyTorch variants, measured in this same run.
     for entry in results:
         for ref in ("F.dropout", "compiled F.dropout"):
@@ -212,9 +211,7 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
     results = []
     for name, fn in variants.items():
         seconds = timer(lambda: fn(next_x(), next_residual()))
-        results.append({"dtype": str(dtype).replace("torch.", ""), "numel": rows_count * width, "variant": name,
-                        "direction": "forward", "ms": seconds * 1e3, "GB/s": counted / seconds / 1e9,
-                        "pct_of_copy": float("nan"), "saved_bytes": None})
+        results.append(result_row(dtype, rows_count * width, name, "forward", seconds, counted))
     fused = [r for r in results if r["variant"] == "add: fused_dropout"][0]
     for ref in ("eager", "compiled"):
         match = [r for r in results if r["variant"] == f"add: {ref}"]
@@ -247,10 +244,8 @@ def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
         times = {"copy": copy_time, "F.dropout": timer(lambda: theirs(next_input())),
                  "fused_dropout": timer(lambda: ours(next_input()))}
         for name, seconds in times.items():
-            results.append({"dtype": str(dtype).replace("torch.", ""), "numel": images[0].numel(),
-                            "variant": f"{case}: {name}", "direction": "forward", "ms": seconds * 1e3,
-                            "GB/s": counted / seconds / 1e9, "pct_of_copy": 100.0 * copy_time / seconds,
-                            "saved_bytes": None})
+            results.append(result_row(dtype, images[0].numel(), f"{case}: {name}", "forward", seconds, counted,
+                                      copy_time))
         results[-1]["speedup_vs_F.dropout"] = times["F.dropout"] / times["fused_dropout"]
     return results
 

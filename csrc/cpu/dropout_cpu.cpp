@@ -256,16 +256,24 @@ void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at
   });
 }
 
+// The walk for both ops: batches over the memory where every operand is row-major and the
+// mask is full, else the merged runs. `residual` and `bias` are undefined for plain dropout.
+template <typename scalar_t, bool kAdd>
+void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
+           const MaskLayout& mask, RngState state, double p) {
+  if (input.numel() == 0) return;
+  const auto op = OutputRule<scalar_t>::for_p(p);
+  if (!mask.shared && input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous())) {
+    apply_row_major<scalar_t, kAdd>(input, residual, bias, output, state, op);
+  } else {
+    apply_by_runs<scalar_t, kAdd>(input, residual, bias, output, mask, state, op);
+  }
+}
+
 void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
                     double p) {
-  if (input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
-    const auto op = OutputRule<scalar_t>::for_p(p);
-    if (!layout.shared && input.is_contiguous() && output.is_contiguous()) {
-      apply_row_major<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, state, op);
-    } else {
-      apply_by_runs<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, op);
-    }
+    apply<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, p);
   });
 }
 
@@ -346,14 +354,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = new_output(input);
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  if (input.numel() == 0) return {output, state_tensor(state)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
-    const auto op = OutputRule<scalar_t>::for_p(p);
-    if (input.is_contiguous() && residual.is_contiguous() && output.is_contiguous()) {
-      apply_row_major<scalar_t, true>(input, residual, bias_contiguous, output, state, op);
-    } else {
-      apply_by_runs<scalar_t, true>(input, residual, bias_contiguous, output, layout, state, op);
-    }
+    apply<scalar_t, true>(input, residual, bias_contiguous, output, layout, state, p);
   });
   return {output, state_tensor(state)};
 }

@@ -14,7 +14,6 @@
 #include <immintrin.h>
 #endif
 
-#include <algorithm>
 #include <cstring>
 
 #include "simd.h"
