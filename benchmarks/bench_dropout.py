@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_dropout
-from fused_dropout import _ops
+from fused_dropout import ops
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -166,7 +166,7 @@ def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
     backward_ops = {
         "F.dropout": (torch.ops.aten.native_dropout(inputs[0], p, True)[1],
                       lambda g, mask: torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))),
-        "fused_dropout": (_ops.dropout_op(inputs[0], p)[1], lambda g, state: _ops.dropout_replay_op(g, state, p)),
+        "fused_dropout": (ops.dropout(inputs[0], p)[1], lambda g, state: ops.dropout_replay(g, state, p)),
     }
     for name, (saved, backward_op) in backward_ops.items():
         if name in rows:

@@ -34,20 +34,27 @@ struct MaskLayout {
 // The argument checks of the ops. `op` names the operator in messages, e.g.
 // "fused_dropout::dropout"; every message names the argument, the expectation and the value.
 
-// All checks of a random dropout op's arguments (input, p, seed/offset/generator, shared
-// dims, and for the in-place op the target); returns the mask layout.
+// All checks of dropout's arguments (input, p, seed/offset/generator, shared dims); returns
+// the mask layout.
 MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
                               int64_t offset, const std::optional<at::Generator>& generator,
-                              at::IntArrayRef shared_dims, bool inplace);
+                              at::IntArrayRef shared_dims);
 
-// All checks of dropout_replay's arguments; returns the mask layout.
+// All checks of dropout_state's arguments, which draws the state of an in-place call, so the
+// input must be a valid in-place target; returns the mask layout.
+MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed,
+                            int64_t offset, const std::optional<at::Generator>& generator,
+                            at::IntArrayRef shared_dims);
+
+// All checks of dropout_replay's and dropout_replay_'s arguments; returns the mask layout.
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                             at::IntArrayRef shared_dims);
+                             at::IntArrayRef shared_dims, bool inplace);
 
-// All checks of dropout_add's arguments; returns the (full) mask layout.
+// All checks of dropout_add's arguments; returns the mask layout.
 MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
-                            const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
-                            int64_t offset, const std::optional<at::Generator>& generator);
+                                  const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
+                                  int64_t offset, const std::optional<at::Generator>& generator,
+                                  at::IntArrayRef shared_dims);
 
 // Checks the arguments of the raw generator op: counter int64[N, 4], key int64[N, 2], same device.
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key);

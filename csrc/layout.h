@@ -8,8 +8,8 @@
 
 namespace fused_dropout {
 
-// Most dims a kernel walks; tensors beyond it get an error, never a wrong result.
-constexpr int64_t kMaxDims = 25;
+// Most dims a kernel walks: torch's own limit on a tensor's rank.
+constexpr int64_t kMaxDims = 64;
 
 // The operands a walk tracks: input, output, the mask index, and dropout_add's residual.
 constexpr int kIn = 0, kOut = 1, kMask = 2, kRes = 3, kOperands = 4;

@@ -12,11 +12,15 @@
 namespace fused_dropout {
 namespace {
 
-void check_input_and_p(const char* op, const at::Tensor& input, double p) {
+void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() <= kMaxDims, op, ": input may have at most ", kMaxDims, " dims, got ", input.dim());
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               op, ": input must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+void check_input_and_p(const char* op, const at::Tensor& input, double p) {
+  check_input(op, input);
   TORCH_CHECK_VALUE(!std::isnan(p) && p >= 0.0 && p <= 1.0,
                     op, ": dropout probability has to be between 0 and 1, but got ", p);
 }
@@ -105,27 +109,37 @@ MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef 
 
 MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
                               int64_t offset, const std::optional<at::Generator>& generator,
-                              at::IntArrayRef shared_dims, bool inplace) {
+                              at::IntArrayRef shared_dims) {
   check_input_and_p(op, input, p);
   check_randomness_args(op, seed, offset, generator);
-  if (inplace) check_inplace_target(op, input);
+  return mask_layout(op, input, shared_dims);
+}
+
+MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed,
+                            int64_t offset, const std::optional<at::Generator>& generator,
+                            at::IntArrayRef shared_dims) {
+  check_input(op, input);
+  check_randomness_args(op, seed, offset, generator);
+  check_inplace_target(op, input);
   return mask_layout(op, input, shared_dims);
 }
 
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                             at::IntArrayRef shared_dims) {
+                             at::IntArrayRef shared_dims, bool inplace) {
   check_input_and_p(op, input, p);
   check_rng_state(op, input, rng_state);
+  if (inplace) check_inplace_target(op, input);
   return mask_layout(op, input, shared_dims);
 }
 
 MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const at::Tensor& residual,
                                   const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
-                                  int64_t offset, const std::optional<at::Generator>& generator) {
+                                  int64_t offset, const std::optional<at::Generator>& generator,
+                                  at::IntArrayRef shared_dims) {
   check_input_and_p(op, input, p);
   check_dropout_add_args(op, input, residual, bias);
   check_randomness_args(op, seed, offset, generator);
-  return mask_layout(op, input, {});
+  return mask_layout(op, input, shared_dims);
 }
 
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
@@ -141,21 +155,45 @@ at::Tensor empty_output_like(const at::Tensor& input) {
 
 }  // namespace fused_dropout
 
+namespace {
+
+// torch.compile functionalizes an in-place custom op through its `inplace` tag, which
+// older torch releases do not define; there the op is registered without it.
+template <typename TagEnum, typename = void>
+struct InplaceTag {
+  static std::vector<at::Tag> tags() { return {}; }
+};
+template <typename TagEnum>
+struct InplaceTag<TagEnum, std::void_t<decltype(TagEnum::inplace)>> {
+  static std::vector<at::Tag> tags() { return {TagEnum::inplace}; }
+};
+std::vector<at::Tag> inplace_tags() { return InplaceTag<at::Tag>::tags(); }
+
+}  // namespace
+
 // rng_state is int64[2] = (seed, base) of the mask rule: all a backward needs to
 // regenerate the mask. shared_dims are dims along which one mask value is shared
-// (channel-wise and "locked" dropout); the rule then indexes the smaller mask shape. The random ops are nondeterministic_seeded so that graph passes
-// (CSE, dead-code merging) never fold two calls into one.
+// (channel-wise and "locked" dropout); the rule then indexes the smaller mask shape. The
+// random ops are nondeterministic_seeded so that graph passes (CSE, dead-code merging)
+// never fold two calls into one.
 TORCH_LIBRARY(fused_dropout, m) {
   m.def("dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None, "
         "int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
         {at::Tag::nondeterministic_seeded});
-  m.def("dropout_(Tensor(a!) input, float p, int? seed=None, int offset=0, Generator? generator=None, "
-        "int[] shared_dims=[]) -> Tensor rng_state",
-        {at::Tag::nondeterministic_seeded});
+  // The backward of every form: input times the mask and scale that rng_state stands for.
   m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor");
+  // In-place dropout is two steps: draw the state (the only random step), then apply its
+  // mask in place. The in-place op returns its input, the schema torch's in-place fallbacks
+  // (negative and conjugate views, functionalization) expect.
+  m.def("dropout_state(Tensor input, int? seed=None, int offset=0, Generator? generator=None, "
+        "int[] shared_dims=[]) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
+  const std::vector<at::Tag> replay_inplace_tags = inplace_tags();
+  m.def("dropout_replay_(Tensor(a!) input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor(a!)",
+        replay_inplace_tags);
   // residual + dropout(input + bias) in one pass (bias broadcast over the last dim).
   m.def("dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int? seed=None, int offset=0, "
-        "Generator? generator=None) -> (Tensor output, Tensor rng_state)",
+        "Generator? generator=None, int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
         {at::Tag::nondeterministic_seeded});
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }

@@ -7,8 +7,8 @@ the same mask on every device, dtype and memory layout.
 """
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
-from . import _C
-from ._ops import philox4x32_10
+from . import _C, ops
+from .ops import philox4x32_10
 from .functional import dropout, dropout1d, dropout2d, dropout3d, dropout_add, keep_mask
 from .modules import FusedDropout, FusedDropout1d, FusedDropout2d, FusedDropout3d, FusedDropoutAdd, replace_dropout
 
@@ -33,6 +33,7 @@ __all__ = [
     "dropout_add",
     "has_cuda_kernels",
     "keep_mask",
+    "ops",
     "philox4x32_10",
     "replace_dropout",
 ]

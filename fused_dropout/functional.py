@@ -1,26 +1,25 @@
 """Functional API, mirroring ``torch.nn.functional.dropout``."""
-import math
 import warnings
-from numbers import Real
 from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _ops
+from . import ops
+from .ops import U64
 
-_U64 = 1 << 64
 
-
-def _check_p(p) -> None:
-    # torch's own words, so a user swapping nn.Dropout sees the message they know.
-    if isinstance(p, bool) or not isinstance(p, Real) or math.isnan(p) or p < 0.0 or p > 1.0:
+def _check_p(p) -> float:
+    """``p`` as a float. What torch accepts is accepted (a float, an int, a bool, a 0-d
+    tensor) and what it refuses is refused, in torch's words; NaN is refused too."""
+    if p < 0.0 or p > 1.0 or p != p:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return float(p)
 
 
 def _check_u64(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"dropout: {name} must be an int, got {type(value).__name__} {value!r}")
-    if not 0 <= value < _U64:
+    if not 0 <= value < U64:
         raise ValueError(f"dropout: {name} must be in [0, 2**64), got {value}")
 
 
@@ -75,7 +74,7 @@ def dropout(
     # The common call (a float p, the default generator) pays only two cheap tests here;
     # anything else gets the full checks and their messages.
     if type(p) is not float or not 0.0 <= p <= 1.0:
-        _check_p(p)
+        p = _check_p(p)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
     if seed is not None or offset != 0 or generator is not None:
@@ -83,8 +82,8 @@ def dropout(
     if not training or p == 0:
         return input
     if inplace:
-        return _ops.dropout_inplace(input, p, seed, offset, generator, tuple(shared_dims))
-    return _ops.dropout_op(input, p, seed, offset, generator, tuple(shared_dims))[0]
+        return ops.dropout_inplace(input, p, seed, offset, generator, shared_dims)
+    return ops.dropout(input, p, seed, offset, generator, shared_dims)[0]
 
 
 def dropout_add(
@@ -118,7 +117,7 @@ def dropout_add(
         Tensor of the input's shape, dtype, device and memory format.
     """
     if type(p) is not float or not 0.0 <= p <= 1.0:
-        _check_p(p)
+        p = _check_p(p)
     for name, value in (("input", input), ("residual", residual)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"dropout_add: {name} must be a Tensor, got {type(value).__name__}")
@@ -127,13 +126,18 @@ def dropout_add(
     if seed is not None or offset != 0 or generator is not None:
         _check_randomness(seed, offset, generator)
     if not training or p == 0:
-        return residual + (input if bias is None else input + bias)
-    return _ops.dropout_add_op(input, residual, bias, p, seed, offset, generator)[0]
+        # The op with p = 0 keeps every element: the same checks as in training, the same
+        # result as the unfused sum, and no random state drawn.
+        return ops.dropout_add(input, residual, bias, 0.0, seed=0)[0]
+    return ops.dropout_add(input, residual, bias, p, seed, offset, generator)[0]
 
 
 def _channel_dropout(input, p, training, inplace, batched, **kwargs):
     # torch's feature dropout: one decision per (sample, channel), shared over the
-    # spatial dims. An unbatched input's channel dim is 0, a batched one's is 1.
+    # spatial dims. An unbatched input's channel dim is 0, a batched one's is 1; torch
+    # refuses an input with fewer than 2 dims once an unbatched one is given its batch dim.
+    if input.dim() + (0 if batched else 1) < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     first_spatial = 2 if batched else 1
     return dropout(input, p, training, inplace, shared_dims=tuple(range(first_spatial, input.dim())), **kwargs)
 
@@ -154,7 +158,7 @@ def _warn_unusual_dims(name: str, ndim: int, spatial: int) -> None:
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
     """Channel-wise dropout of ``(N, C, L)`` or ``(C, L)`` inputs: a drop-in for
     :func:`torch.nn.functional.dropout1d`, with the keyword arguments of :func:`dropout`."""
-    _check_p(p)
+    p = _check_p(p)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
@@ -168,7 +172,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
     """Channel-wise dropout of ``(N, C, H, W)`` inputs: a drop-in for
     :func:`torch.nn.functional.dropout2d`, with its shape rules and warnings."""
-    _check_p(p)
+    p = _check_p(p)
     _warn_unusual_dims("dropout2d", input.dim(), spatial=2)
     if input.dim() == 3:
         warnings.warn(
@@ -185,7 +189,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
     """Channel-wise dropout of ``(N, C, D, H, W)`` or ``(C, D, H, W)`` inputs: a drop-in for
     :func:`torch.nn.functional.dropout3d`, with its shape rules and warnings."""
-    _check_p(p)
+    p = _check_p(p)
     _warn_unusual_dims("dropout3d", input.dim(), spatial=3)
     return _channel_dropout(input, p, training, inplace, input.dim() == 5, **kwargs)
 
@@ -214,7 +218,7 @@ def keep_mask(
     Returns:
         A bool tensor of ``shape``: ``True`` where the element is kept.
     """
-    _check_p(p)
+    p = _check_p(p)
     _check_randomness(seed, offset, None)
     ones = torch.ones(shape, dtype=torch.float32, device=device)
-    return _ops.dropout_op(ones, p, seed, offset, None, tuple(shared_dims))[0] != 0
+    return ops.dropout(ones, p, seed, offset, None, shared_dims)[0] != 0

@@ -1,10 +1,22 @@
 """Drop-in ``nn.Module``s, mirroring ``torch.nn.Dropout`` and its channel-wise variants."""
 import warnings
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from . import functional as F
+
+
+def _scripted_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, shared_dims: List[int]):
+    """The modules' forward under TorchScript, which cannot compile the functional API's
+    keyword-only arguments: the registered ops themselves."""
+    if not training or p == 0.0:
+        return input
+    if inplace:
+        rng_state = torch.ops.fused_dropout.dropout_state(input, None, 0, None, shared_dims)
+        return torch.ops.fused_dropout.dropout_replay_(input, rng_state, p, shared_dims)
+    return torch.ops.fused_dropout.dropout(input, p, None, 0, None, shared_dims)[0]
 
 
 class _FusedDropoutNd(nn.Module):
@@ -18,6 +30,19 @@ class _FusedDropoutNd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
+
+    def _shared_dims(self, input: torch.Tensor) -> List[int]:
+        # The channel-wise modules share the mask over the spatial dims (see their forward).
+        return []
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return _scripted_dropout(input, float(self.p), self.training, self.inplace, self._shared_dims(input))
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class FusedDropout(_FusedDropoutNd):
@@ -35,7 +60,8 @@ class FusedDropout(_FusedDropoutNd):
         - Output: the shape, dtype and memory format of the input.
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.dropout(input, self.p, self.training, self.inplace)
 
 
@@ -43,24 +69,42 @@ class FusedDropout1d(_FusedDropoutNd):
     """Drop-in for :class:`torch.nn.Dropout1d`: zeroes whole channels of ``(N, C, L)`` or
     ``(C, L)`` inputs. See :func:`fused_dropout.functional.dropout1d`."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.dropout1d(input, self.p, self.training, self.inplace)
+
+    def _shared_dims(self, input: torch.Tensor) -> List[int]:
+        if input.dim() not in (2, 3):
+            raise RuntimeError("dropout1d: Expected 2D or 3D input, but received a " + str(input.dim()) + "D input")
+        return list(range(input.dim() - 1, input.dim()))
 
 
 class FusedDropout2d(_FusedDropoutNd):
     """Drop-in for :class:`torch.nn.Dropout2d`: zeroes whole channels of ``(N, C, H, W)``
     inputs. See :func:`fused_dropout.functional.dropout2d`."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.dropout2d(input, self.p, self.training, self.inplace)
+
+    def _shared_dims(self, input: torch.Tensor) -> List[int]:
+        if input.dim() < 2:
+            raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+        return list(range(2, input.dim()))
 
 
 class FusedDropout3d(_FusedDropoutNd):
     """Drop-in for :class:`torch.nn.Dropout3d`: zeroes whole channels of ``(N, C, D, H, W)``
     or ``(C, D, H, W)`` inputs. See :func:`fused_dropout.functional.dropout3d`."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.dropout3d(input, self.p, self.training, self.inplace)
+
+    def _shared_dims(self, input: torch.Tensor) -> List[int]:
+        if input.dim() < 1:
+            raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+        return list(range(2 if input.dim() == 5 else 1, input.dim()))
 
 
 class FusedDropoutAdd(_FusedDropoutNd):
@@ -78,7 +122,11 @@ class FusedDropoutAdd(_FusedDropoutNd):
     def __init__(self, p: float = 0.5) -> None:
         super().__init__(p, inplace=False)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor, bias=None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self.training and float(self.p) > 0.0:
+                return torch.ops.fused_dropout.dropout_add(input, residual, bias, float(self.p), None, 0, None, [])[0]
+            return torch.ops.fused_dropout.dropout_add(input, residual, bias, 0.0, 0, 0, None, [])[0]
         return F.dropout_add(input, residual, self.p, self.training, bias=bias)
 
     def extra_repr(self) -> str:

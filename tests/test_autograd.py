@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fused_dropout
-from fused_dropout import _ops
+from fused_dropout import ops
 from helpers import DEVICES, DTYPES, random_input
 
 
@@ -98,9 +98,9 @@ def test_saves_sixteen_bytes_per_call(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_replay_of_rng_state_reproduces_the_output(device):
     x = random_input((33, 17), torch.float32, device)
-    y, rng_state = _ops.dropout_op(x, 0.25)
+    y, rng_state = ops.dropout(x, 0.25)
     assert rng_state.dtype == torch.int64 and rng_state.shape == (2,) and rng_state.device == x.device
-    assert torch.equal(_ops.dropout_replay_op(x, rng_state, 0.25), y)
+    assert torch.equal(ops.dropout_replay(x, rng_state, 0.25), y)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -62,8 +62,8 @@ def test_many_blocks_match_cpu_bit_for_bit(dtype):
 
 def test_successive_cuda_calls_use_disjoint_counters():
     x = torch.ones(1001, device="cuda")
-    _, first = fused_dropout._ops.dropout_op(x, 0.5)
-    _, second = fused_dropout._ops.dropout_op(x, 0.5)
+    _, first = fused_dropout.ops.dropout(x, 0.5)
+    _, second = fused_dropout.ops.dropout(x, 0.5)
     assert first[0] == second[0] and second[1] - first[1] >= (1001 + 3) // 4
 
 

@@ -317,40 +317,48 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p
                                                int64_t offset, std::optional<at::Generator> generator,
                                                at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
-  const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/false);
+  const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = new_output(input);
   dispatch_apply(input, output, layout, state, p);
   return {output, state_tensor(state)};
 }
 
-at::Tensor dropout_inplace_cpu(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
-                               std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
-  constexpr const char* kOp = "fused_dropout::dropout_";
-  const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/true);
-  const RngState state = draw_state(seed, offset, generator);
-  dispatch_apply(input, input, layout, state, p);
-  return state_tensor(state);
+at::Tensor dropout_state_cpu(const at::Tensor& input, std::optional<int64_t> seed, int64_t offset,
+                             std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
+  check_state_call("fused_dropout::dropout_state", input, seed, offset, generator, shared_dims);
+  return state_tensor(draw_state(seed, offset, generator));
+}
+
+RngState read_state(const at::Tensor& rng_state) {
+  const at::Tensor s = rng_state.contiguous();
+  return {static_cast<uint64_t>(s.const_data_ptr<int64_t>()[0]), static_cast<uint64_t>(s.const_data_ptr<int64_t>()[1])};
 }
 
 at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_state, double p,
                               at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
-  const MaskLayout layout = check_replay_call(kOp, input, rng_state, p, shared_dims);
-  const at::Tensor s = rng_state.contiguous();
-  const RngState state{static_cast<uint64_t>(s.const_data_ptr<int64_t>()[0]),
-                       static_cast<uint64_t>(s.const_data_ptr<int64_t>()[1])};
+  const MaskLayout layout = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/false);
   at::Tensor output = new_output(input);
-  dispatch_apply(input, output, layout, state, p);
+  dispatch_apply(input, output, layout, read_state(rng_state), p);
   return output;
+}
+
+at::Tensor& dropout_replay_inplace_cpu(at::Tensor& input, const at::Tensor& rng_state, double p,
+                                       at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::dropout_replay_";
+  const MaskLayout layout = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/true);
+  dispatch_apply(input, input, layout, read_state(rng_state), p);
+  return input;
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, const at::Tensor& residual,
                                                    const std::optional<at::Tensor>& bias, double p,
                                                    std::optional<int64_t> seed, int64_t offset,
-                                                   std::optional<at::Generator> generator) {
+                                                   std::optional<at::Generator> generator,
+                                                   at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
-  const MaskLayout layout = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
+  const MaskLayout layout = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = new_output(input);
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -384,8 +392,9 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
 
 TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
   m.impl("dropout", &fused_dropout::dropout_cpu);
-  m.impl("dropout_", &fused_dropout::dropout_inplace_cpu);
+  m.impl("dropout_state", &fused_dropout::dropout_state_cpu);
   m.impl("dropout_replay", &fused_dropout::dropout_replay_cpu);
+  m.impl("dropout_replay_", &fused_dropout::dropout_replay_inplace_cpu);
   m.impl("dropout_add", &fused_dropout::dropout_add_cpu);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cpu);
 }

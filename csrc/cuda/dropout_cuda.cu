@@ -27,6 +27,15 @@ struct StateSource {
   at::PhiloxCudaState philox;
   const int64_t* saved;  // non-null: replay of a saved rng_state
   int64_t* record;       // non-null: where the forward writes the (seed, base) it used
+
+  // A new call's state, recorded into rng_state for backward.
+  static StateSource drawn(at::PhiloxCudaState philox, at::Tensor& rng_state) {
+    return {philox, nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  }
+  // The state of an earlier call, read back from its rng_state.
+  static StateSource saved_in(const at::Tensor& rng_state) {
+    return {at::PhiloxCudaState(0, 0), rng_state.const_data_ptr<int64_t>(), nullptr};
+  }
 };
 
 __device__ __forceinline__ void resolve_state(const StateSource& src, uint64_t& seed, uint64_t& base) {
@@ -126,48 +135,64 @@ std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double 
                                                 int64_t offset, std::optional<at::Generator> generator,
                                                 at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout";
-  const MaskLayout mask = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/false);
+  const MaskLayout mask = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
-  dispatch_launch(input, output, mask, src, p);
+  dispatch_launch(input, output, mask, StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state),
+                  p);
   return {output, rng_state};
 }
 
-at::Tensor dropout_inplace_cuda(at::Tensor& input, double p, std::optional<int64_t> seed, int64_t offset,
-                                std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
-  constexpr const char* kOp = "fused_dropout::dropout_";
-  const MaskLayout mask = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims, /*inplace=*/true);
+// Writes a drawn state into rng_state on the device, where it is known under graph capture.
+__global__ void record_state_kernel(StateSource src) {
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+}
+
+at::Tensor dropout_state_cuda(const at::Tensor& input, std::optional<int64_t> seed, int64_t offset,
+                              std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
+  const MaskLayout mask = check_state_call("fused_dropout::dropout_state", input, seed, offset, generator, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor rng_state = new_state_tensor(input);
-  const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
-  dispatch_launch(input, input, mask, src, p);
+  record_state_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(
+      StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return rng_state;
 }
 
 at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p,
                                at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
-  const MaskLayout mask = check_replay_call(kOp, input, rng_state, p, shared_dims);
+  const MaskLayout mask = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/false);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
   at::Tensor output = empty_output_like(input);
-  const StateSource src{at::PhiloxCudaState(0, 0), state.const_data_ptr<int64_t>(), nullptr};
-  dispatch_launch(input, output, mask, src, p);
+  dispatch_launch(input, output, mask, StateSource::saved_in(state), p);
   return output;
+}
+
+at::Tensor& dropout_replay_inplace_cuda(at::Tensor& input, const at::Tensor& rng_state, double p,
+                                        at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::dropout_replay_";
+  const MaskLayout mask = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/true);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor state = rng_state.contiguous();
+  dispatch_launch(input, input, mask, StateSource::saved_in(state), p);
+  return input;
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, const at::Tensor& residual,
                                                     const std::optional<at::Tensor>& bias, double p,
                                                     std::optional<int64_t> seed, int64_t offset,
-                                                    std::optional<at::Generator> generator) {
+                                                    std::optional<at::Generator> generator,
+                                                    at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
-  const MaskLayout mask = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator);
+  const MaskLayout mask = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  const StateSource src{reserve_state(input, mask, seed, offset, generator), nullptr, rng_state.mutable_data_ptr<int64_t>()};
+  const StateSource src = StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state);
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
     launch<scalar_t, true>(input, residual, bias_contiguous, output, mask, src, p);
@@ -206,8 +231,9 @@ at::Tensor philox4x32_10_cuda(const at::Tensor& counter, const at::Tensor& key) 
 
 TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
   m.impl("dropout", &fused_dropout::dropout_cuda);
-  m.impl("dropout_", &fused_dropout::dropout_inplace_cuda);
+  m.impl("dropout_state", &fused_dropout::dropout_state_cuda);
   m.impl("dropout_replay", &fused_dropout::dropout_replay_cuda);
+  m.impl("dropout_replay_", &fused_dropout::dropout_replay_inplace_cuda);
   m.impl("dropout_add", &fused_dropout::dropout_add_cuda);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cuda);
 }

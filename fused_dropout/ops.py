@@ -1,0 +1,251 @@
+"""The raw operators ``torch.ops.fused_dropout.*``: a typed wrapper per op, its fake kernel
+and its vmap rule.
+
+``dropout`` returns the output and ``rng_state`` (int64[2]: seed, base). ``dropout_replay``
+regenerates the same mask from ``rng_state``: it is every op's backward, so that is all
+autograd saves. In-place dropout is ``dropout_state`` (draw the state) followed by
+``dropout_replay_`` (apply its mask in place). Autograd, forward-mode AD and the in-place
+version counter are registered in C++ (``csrc/autograd.cpp``), so a training step pays no
+Python per call beyond these wrappers.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator registrations)
+
+_lib = torch.ops.fused_dropout
+_dropout = _lib.dropout.default
+_dropout_state = _lib.dropout_state.default
+_dropout_replay = _lib.dropout_replay.default
+_dropout_replay_ = _lib.dropout_replay_.default
+_dropout_add = _lib.dropout_add.default
+
+# Seeds and offsets are unsigned 64-bit in the mask rule; the op schema carries them as int64 bits.
+U64 = 1 << 64
+
+
+def _as_int64_bits(value: int) -> int:
+    return value - U64 if value >= (1 << 63) else value
+
+
+def _seed_args(seed: Optional[int], offset: int) -> Tuple[Optional[int], int]:
+    if seed is None:
+        return None, offset
+    return _as_int64_bits(seed), _as_int64_bits(offset)
+
+
+def dropout(
+    input: torch.Tensor,
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(output, rng_state)`` of one fused dropout call."""
+    if seed is None and offset == 0 and generator is None and not shared_dims:
+        # The common call: the schema's defaults are filled in C++, which parses fewer
+        # arguments than passing them from here.
+        return _dropout(input, p)
+    seed, offset = _seed_args(seed, offset)
+    return _dropout(input, p, seed, offset, generator, list(shared_dims))
+
+
+def dropout_state(
+    input: torch.Tensor,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> torch.Tensor:
+    """The ``rng_state`` a dropout call on ``input`` would draw, drawn (the generator advances)."""
+    seed, offset = _seed_args(seed, offset)
+    return _dropout_state(input, seed, offset, generator, list(shared_dims))
+
+
+def dropout_replay(
+    input: torch.Tensor, rng_state: torch.Tensor, p: float, shared_dims: Sequence[int] = ()
+) -> torch.Tensor:
+    """``input`` times the mask and scale that ``rng_state`` stands for."""
+    return _dropout_replay(input, rng_state, p, list(shared_dims))
+
+
+def dropout_replay_(
+    input: torch.Tensor, rng_state: torch.Tensor, p: float, shared_dims: Sequence[int] = ()
+) -> torch.Tensor:
+    """:func:`dropout_replay` in place; returns ``input``."""
+    return _dropout_replay_(input, rng_state, p, list(shared_dims))
+
+
+def dropout_inplace(
+    input: torch.Tensor,
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> torch.Tensor:
+    """Dropout applied to ``input`` in place; returns ``input``."""
+    rng_state = dropout_state(input, seed, offset, generator, shared_dims)
+    return _dropout_replay_(input, rng_state, p, list(shared_dims))
+
+
+def dropout_add(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(residual + dropout(input + bias), rng_state)`` in one pass."""
+    if seed is None and offset == 0 and generator is None and not shared_dims:
+        return _dropout_add(input, residual, bias, p)
+    seed, offset = _seed_args(seed, offset)
+    return _dropout_add(input, residual, bias, p, seed, offset, generator, list(shared_dims))
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Raw Philox4x32-10: counter int64[N, 4] and key int64[N, 2] of 32-bit words -> int64[N, 4]."""
+    return _lib.philox4x32_10.default(counter, key)
+
+
+# Fake kernels: shapes, dtypes and strides for torch.compile / export / meta tensors.
+@torch.library.register_fake("fused_dropout::dropout")
+def _dropout_fake(input, p, seed=None, offset=0, generator=None, shared_dims=()):
+    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::dropout_state")
+def _dropout_state_fake(input, seed=None, offset=0, generator=None, shared_dims=()):
+    return input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::dropout_replay")
+def _dropout_replay_fake(input, rng_state, p, shared_dims=()):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_dropout::dropout_replay_")
+def _dropout_replay_inplace_fake(input, rng_state, p, shared_dims=()):
+    return input
+
+
+@torch.library.register_fake("fused_dropout::dropout_add")
+def _dropout_add_fake(input, residual, bias, p, seed=None, offset=0, generator=None, shared_dims=()):
+    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::philox4x32_10")
+def _philox_fake(counter, key):
+    return torch.empty_like(counter, memory_format=torch.contiguous_format)
+
+
+# vmap rules. Each runs the op once on the whole batch, with the vmapped dim moved first:
+# - randomness="different": one mask over the batch, so every sample gets its own. The
+#   rng_state is returned batched (the same state for every sample): a batched rng_state is
+#   how dropout_replay knows that its mask spans the vmapped dim.
+# - randomness="same", or an explicit seed (then the op is a plain function of its
+#   arguments): the vmapped dim is one more shared dim, so every sample gets the mask an
+#   unbatched call gets; rng_state is not batched.
+# - randomness="error": torch's error for random ops, unless a seed is given.
+_RANDOMNESS_ERROR = (
+    "vmap: called random operation while in randomness error mode. Please either use the 'same' or "
+    "'different' randomness flags on vmap or perform the randomness operation out of vmap"
+)
+
+
+def _mask_per_sample(info, seed) -> bool:
+    if seed is not None:
+        return False
+    if info.randomness == "error":
+        raise RuntimeError(_RANDOMNESS_ERROR)
+    return info.randomness == "different"
+
+
+def _batch_first(x: torch.Tensor, bdim: Optional[int], batch_size: int) -> torch.Tensor:
+    if bdim is None:
+        return x.unsqueeze(0).expand(batch_size, *x.shape)
+    return x.movedim(bdim, 0)
+
+
+def _batched_dims(shared_dims: Sequence[int], per_sample: bool) -> list:
+    # Negative dims count from the end, which the leading batch dim does not move.
+    dims = [d + 1 if d >= 0 else d for d in shared_dims]
+    return dims if per_sample else dims + [0]
+
+
+@torch.library.register_vmap("fused_dropout::dropout")
+def _dropout_vmap(info, in_dims, input, p, seed=None, offset=0, generator=None, shared_dims=()):
+    per_sample = _mask_per_sample(info, seed)
+    if in_dims[0] is None and not per_sample:
+        return _dropout(input, p, seed, offset, generator, list(shared_dims)), (None, None)
+    x = _batch_first(input, in_dims[0], info.batch_size)
+    output, rng_state = _dropout(x, p, seed, offset, generator, _batched_dims(shared_dims, per_sample))
+    if per_sample:
+        return (output, rng_state.expand(info.batch_size, 2)), (0, 0)
+    return (output, rng_state), (0, None)
+
+
+@torch.library.register_vmap("fused_dropout::dropout_state")
+def _dropout_state_vmap(info, in_dims, input, seed=None, offset=0, generator=None, shared_dims=()):
+    per_sample = _mask_per_sample(info, seed)
+    if not per_sample:
+        sample = input if in_dims[0] is None else input.select(in_dims[0], 0)
+        return _dropout_state(sample, seed, offset, generator, list(shared_dims)), None
+    x = _batch_first(input, in_dims[0], info.batch_size)
+    rng_state = _dropout_state(x, seed, offset, generator, _batched_dims(shared_dims, True))
+    return rng_state.expand(info.batch_size, 2), 0
+
+
+@torch.library.register_vmap("fused_dropout::dropout_replay")
+def _dropout_replay_vmap(info, in_dims, input, rng_state, p, shared_dims=()):
+    input_bdim, state_bdim = in_dims[0], in_dims[1]
+    per_sample = state_bdim is not None
+    if input_bdim is None and not per_sample:
+        return _dropout_replay(input, rng_state, p, list(shared_dims)), None
+    x = _batch_first(input, input_bdim, info.batch_size)
+    state = rng_state.select(state_bdim, 0) if per_sample else rng_state
+    return _dropout_replay(x, state, p, _batched_dims(shared_dims, per_sample)), 0
+
+
+@torch.library.register_vmap("fused_dropout::dropout_replay_")
+def _dropout_replay_inplace_vmap(info, in_dims, input, rng_state, p, shared_dims=()):
+    input_bdim, state_bdim = in_dims[0], in_dims[1]
+    per_sample = state_bdim is not None
+    if input_bdim is None:
+        if per_sample:
+            raise RuntimeError(
+                "vmap: in-place dropout of a tensor that is not vmapped over cannot give each sample its own "
+                "mask (randomness='different'); use the out-of-place dropout"
+            )
+        _dropout_replay_(input, rng_state, p, list(shared_dims))
+        return input, None
+    state = rng_state.select(state_bdim, 0) if per_sample else rng_state
+    _dropout_replay_(input.movedim(input_bdim, 0), state, p, _batched_dims(shared_dims, per_sample))
+    return input, input_bdim
+
+
+@torch.library.register_vmap("fused_dropout::dropout_add")
+def _dropout_add_vmap(info, in_dims, input, residual, bias, p, seed=None, offset=0, generator=None, shared_dims=()):
+    per_sample = _mask_per_sample(info, seed)
+    input_bdim, residual_bdim, bias_bdim = in_dims[:3]
+    if input_bdim is None and residual_bdim is None and bias_bdim is None and not per_sample:
+        return _dropout_add(input, residual, bias, p, seed, offset, generator, list(shared_dims)), (None, None)
+    batch = info.batch_size
+    x = _batch_first(input, input_bdim, batch)
+    r = _batch_first(residual, residual_bdim, batch)
+    if bias_bdim is not None:
+        # A bias per sample is added first, in the input's dtype, which is where the fused op
+        # rounds input + bias too.
+        per_sample_bias = bias.movedim(bias_bdim, 0)
+        x = x + per_sample_bias.reshape(batch, *([1] * (x.dim() - 2)), per_sample_bias.shape[-1])
+        bias = None
+    output, rng_state = _dropout_add(x, r, bias, p, seed, offset, generator, _batched_dims(shared_dims, per_sample))
+    if per_sample:
+        return (output, rng_state.expand(batch, 2)), (0, 0)
+    return (output, rng_state), (0, None)
