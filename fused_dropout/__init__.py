@@ -9,8 +9,25 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C, ops
 from .ops import philox4x32_10
-from .functional import dropout, dropout1d, dropout2d, dropout3d, dropout_add, keep_mask
-from .modules import FusedDropout, FusedDropout1d, FusedDropout2d, FusedDropout3d, FusedDropoutAdd, replace_dropout
+from .functional import (
+    drop_path_add,
+    dropout,
+    dropout1d,
+    dropout2d,
+    dropout3d,
+    dropout_add,
+    keep_mask,
+    stochastic_depth,
+)
+from .modules import (
+    FusedDropout,
+    FusedDropout1d,
+    FusedDropout2d,
+    FusedDropout3d,
+    FusedDropoutAdd,
+    FusedStochasticDepth,
+    replace_dropout,
+)
 
 __version__ = "0.1.0"
 
@@ -26,6 +43,8 @@ __all__ = [
     "FusedDropout2d",
     "FusedDropout3d",
     "FusedDropoutAdd",
+    "FusedStochasticDepth",
+    "drop_path_add",
     "dropout",
     "dropout1d",
     "dropout2d",
@@ -36,4 +55,5 @@ __all__ = [
     "ops",
     "philox4x32_10",
     "replace_dropout",
+    "stochastic_depth",
 ]

@@ -133,6 +133,34 @@ class FusedDropoutAdd(_FusedDropoutNd):
         return f"p={self.p}"
 
 
+class FusedStochasticDepth(nn.Module):
+    """Drop-in for :class:`torchvision.ops.StochasticDepth`: the same constructor, ``repr``
+    and (empty) ``state_dict``, as one fused pass. See
+    :func:`fused_dropout.functional.stochastic_depth`.
+
+    Args:
+        p (float): probability of a sample (``mode="row"``) or of the batch (``"batch"``) to be dropped.
+        mode (str): ``"row"`` or ``"batch"``.
+    """
+
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p = p
+        self.mode = mode
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.stochastic_depth(input, self.p, self.mode, self.training)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(p={self.p}, mode={self.mode})"
+
+
+def _is_torchvision_stochastic_depth(module: nn.Module) -> bool:
+    # Checked by name so that replace_dropout works without torchvision installed.
+    cls = type(module)
+    return cls.__name__ == "StochasticDepth" and cls.__module__.startswith("torchvision.")
+
+
 _REPLACEMENTS = {
     nn.Dropout: FusedDropout,
     nn.Dropout1d: FusedDropout1d,
@@ -142,9 +170,9 @@ _REPLACEMENTS = {
 
 
 def replace_dropout(model: nn.Module) -> nn.Module:
-    """Swap every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d`` and ``nn.Dropout3d`` in
-    ``model`` (in place) for its fused counterpart with the same ``p``, ``inplace`` and
-    training mode. Other dropout kinds (``AlphaDropout``, ``FeatureAlphaDropout``) and
+    """Swap every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d``, ``nn.Dropout3d`` and
+    ``torchvision.ops.StochasticDepth`` in ``model`` (in place) for its fused counterpart with
+    the same ``p``, ``inplace`` or ``mode``, and training mode. Other dropout kinds (``AlphaDropout``, ``FeatureAlphaDropout``) and
     subclasses of the torch modules are left alone, with a warning naming them.
 
     Args:
@@ -155,10 +183,12 @@ def replace_dropout(model: nn.Module) -> nn.Module:
     """
 
     def swap(module: nn.Module) -> nn.Module:
-        fused_cls = _REPLACEMENTS.get(type(module))
-        if fused_cls is None:
+        if _is_torchvision_stochastic_depth(module):
+            fused = FusedStochasticDepth(module.p, module.mode)
+        elif type(module) in _REPLACEMENTS:
+            fused = _REPLACEMENTS[type(module)](module.p, module.inplace)
+        else:
             return module
-        fused = fused_cls(module.p, module.inplace)
         fused.train(module.training)
         return fused
 
