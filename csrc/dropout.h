@@ -59,9 +59,13 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
 // Checks the arguments of the raw generator op: counter int64[N, 4], key int64[N, 2], same device.
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key);
 
+// The order a strided walk visits elements in: the logical (row-major) order, or the output's
+// memory order (layout.h, merge_dims_in_memory_order).
+enum class WalkOrder { kLogical, kOutputMemory };
+
 // The merged walk (layout.h) of input, output, mask and residual (residual may be undefined).
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
-                           const at::Tensor& residual);
+                           const at::Tensor& residual, WalkOrder order = WalkOrder::kLogical);
 
 // The output of an out-of-place call: same shape, dtype, device and memory format as the input.
 at::Tensor empty_output_like(const at::Tensor& input);

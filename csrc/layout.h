@@ -3,8 +3,12 @@
 // kernels' host test can use it as they do.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <numeric>
+
+#include <c10/macros/Macros.h>
 
 namespace fused_dropout {
 
@@ -25,8 +29,8 @@ struct MergedLayout {
   int64_t sizes[kMaxDims] = {};
   int64_t strides[kOperands][kMaxDims] = {};
 
-  int64_t inner() const { return ndim > 0 ? sizes[ndim - 1] : 1; }
-  int64_t inner_stride(int operand) const { return ndim > 0 ? strides[operand][ndim - 1] : 0; }
+  C10_HOST_DEVICE int64_t inner() const { return ndim > 0 ? sizes[ndim - 1] : 1; }
+  C10_HOST_DEVICE int64_t inner_stride(int operand) const { return ndim > 0 ? strides[operand][ndim - 1] : 0; }
 };
 
 // `strides[k]` holds operand k's stride for each of the ndim dims of `sizes`.
@@ -42,6 +46,27 @@ inline MergedLayout merge_dims(int64_t ndim, const int64_t* sizes, const std::ar
     for (int k = 0; k < kOperands; ++k) merged.strides[k][target] = strides[k][d];
   }
   return merged;
+}
+
+// The same walk with the dims first put in the memory order of operand `order_by` (largest
+// stride first), so that consecutive walk indices are neighbours in its memory: a GPU warp
+// then reads and writes whole cache lines of a channels_last or permuted tensor. The walk's
+// index is then no longer the logical index, so the caller must not need it (the mask index
+// comes from the mask operand's strides, which travel with their dims).
+inline MergedLayout merge_dims_in_memory_order(int64_t ndim, const int64_t* sizes,
+                                               const std::array<const int64_t*, kOperands>& strides, int order_by) {
+  std::array<int64_t, kMaxDims> order{};
+  std::iota(order.begin(), order.begin() + ndim, int64_t{0});
+  std::stable_sort(order.begin(), order.begin() + ndim,
+                   [&](int64_t a, int64_t b) { return strides[order_by][a] > strides[order_by][b]; });
+  int64_t permuted_sizes[kMaxDims];
+  int64_t permuted_strides[kOperands][kMaxDims];
+  for (int64_t d = 0; d < ndim; ++d) {
+    permuted_sizes[d] = sizes[order[d]];
+    for (int k = 0; k < kOperands; ++k) permuted_strides[k][d] = strides[k][order[d]];
+  }
+  return merge_dims(ndim, permuted_sizes,
+                    {permuted_strides[0], permuted_strides[1], permuted_strides[2], permuted_strides[3]});
 }
 
 }  // namespace fused_dropout

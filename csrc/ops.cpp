@@ -143,10 +143,12 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
 }
 
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
-                           const at::Tensor& residual) {
+                           const at::Tensor& residual, WalkOrder order) {
   const int64_t* residual_strides = residual.defined() ? residual.strides().data() : input.strides().data();
-  return merge_dims(input.dim(), input.sizes().data(),
-                    {input.strides().data(), output.strides().data(), mask.strides.data(), residual_strides});
+  const std::array<const int64_t*, kOperands> strides = {input.strides().data(), output.strides().data(),
+                                                         mask.strides.data(), residual_strides};
+  if (order == WalkOrder::kOutputMemory) return merge_dims_in_memory_order(input.dim(), input.sizes().data(), strides, kOut);
+  return merge_dims(input.dim(), input.sizes().data(), strides);
 }
 
 at::Tensor empty_output_like(const at::Tensor& input) {

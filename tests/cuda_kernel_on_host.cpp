@@ -98,7 +98,7 @@ int failures(std::mt19937& gen) {
       cases += 6;
     }
   }
-  std::printf("%zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
+  std::printf("row-major kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
   return failed;
 }
 
@@ -110,6 +110,7 @@ struct StridedCase {
   std::vector<int64_t> in, out;
   std::vector<int64_t> res;          // empty: row-major
   std::vector<int64_t> shared_dims;  // dims with one mask value
+  bool wide_index = false;           // 64-bit index math, as for tensors of 2^31 elements or more
 };
 
 std::vector<int64_t> row_major(const std::vector<int64_t>& sizes) {
@@ -164,12 +165,20 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
   const Operands<T> ops{in.data(), kAdd ? res.data() : nullptr, kAdd ? bias.data() : nullptr, out.data(), numel,
                         c.sizes.back()};
-  const MergedLayout layout = merge_dims(static_cast<int64_t>(c.sizes.size()), c.sizes.data(),
-                                         {c.in.data(), c.out.data(), mask.data(), res_strides.data()});
+  // As dropout_cuda.cu launches it: in the output's memory order unless a bias needs the
+  // logical index (here every dropout_add case has a bias), with 32- or 64-bit index math.
+  const std::array<const int64_t*, kOperands> strides = {c.in.data(), c.out.data(), mask.data(), res_strides.data()};
+  const int64_t ndim = static_cast<int64_t>(c.sizes.size());
+  const MergedLayout layout = kAdd ? merge_dims(ndim, c.sizes.data(), strides)
+                                   : merge_dims_in_memory_order(ndim, c.sizes.data(), strides, kOut);
   const int64_t blocks = std::max<int64_t>(1, ((numel + 3) / 4 + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
-      strided_kernel<T, kAdd>(ops, layout, state, rule);
+      if (c.wide_index) {
+        strided_kernel<T, kAdd, uint64_t>(ops, layout, state, rule);
+      } else {
+        strided_kernel<T, kAdd, uint32_t>(ops, layout, state, rule);
+      }
     }
   }
   // The plain walk: every logical index, its offsets from the unmerged strides.
@@ -214,6 +223,8 @@ std::vector<StridedCase> strided_cases() {
   cases.push_back({"all dims of size 1", {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {}, {}});
   cases.push_back({"transposed, many blocks", {64, 300}, {1, 64}, {1, 64}, {}, {}});
   cases.push_back({"sliced rows, many blocks", {40, 700}, {2800, 2}, row_major({40, 700}), {}, {}});
+  cases.push_back({"channels_last, 64-bit index", nchw, channels_last, channels_last, channels_last, {}, true});
+  cases.push_back({"odd channels_last, short inner runs", {3, 3, 5, 2}, {30, 1, 6, 3}, {30, 1, 6, 3}, {}, {}});
   return cases;
 }
 

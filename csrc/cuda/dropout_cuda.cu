@@ -16,6 +16,7 @@
 
 #include "../dropout.h"
 #include "kernels.cuh"
+#include "static_switch.h"
 
 namespace fused_dropout {
 namespace {
@@ -87,26 +88,23 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
     constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
     const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
     const int grid = grid_for((ops.numel + kStep - 1) / kStep);
-    const bool with_bias = ops.bias != nullptr;  // only dropout_add has one
-    if (aligned(ops.in) && aligned(ops.out) && (!kAdd || aligned(ops.res))) {
-      if (with_bias) {
-        contiguous_kernel<scalar_t, true, kAdd, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
-      } else {
-        contiguous_kernel<scalar_t, true, kAdd, false><<<grid, kThreads, 0, stream>>>(ops, src, rule);
-      }
-    } else {
-      if (with_bias) {
-        contiguous_kernel<scalar_t, false, kAdd, kAdd><<<grid, kThreads, 0, stream>>>(ops, src, rule);
-      } else {
-        contiguous_kernel<scalar_t, false, kAdd, false><<<grid, kThreads, 0, stream>>>(ops, src, rule);
-      }
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kAdd || aligned(ops.res));
+    BOOL_SWITCH(all_aligned, kAligned, [&] {
+      BOOL_SWITCH(kAdd && ops.bias != nullptr, kBias, [&] {
+        contiguous_kernel<scalar_t, kAligned, kAdd, kAdd && kBias><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      });
+    });
   } else {
-    const MergedLayout layout = merged_layout(input, output, mask, residual);
-    strided_kernel<scalar_t, kAdd><<<grid_for((ops.numel + 3) / 4), kThreads, 0, stream>>>(ops, layout, src, rule);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // A bias needs each element's logical index, so only a walk without one follows memory.
+    const WalkOrder order = ops.bias == nullptr ? WalkOrder::kOutputMemory : WalkOrder::kLogical;
+    const MergedLayout layout = merged_layout(input, output, mask, residual, order);
+    const int grid = grid_for((ops.numel + 3) / 4);
+    BOOL_SWITCH(ops.numel <= std::numeric_limits<int32_t>::max(), kIndex32, [&] {
+      using index_t = std::conditional_t<kIndex32, uint32_t, uint64_t>;
+      strided_kernel<scalar_t, kAdd, index_t><<<grid, kThreads, 0, stream>>>(ops, layout, src, rule);
+    });
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void dispatch_launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask, const StateSource& src,

@@ -111,29 +111,55 @@ __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t>
   }
 }
 
+// The operands' offsets of walk index `linear` of the merged layout, one division per dim, in
+// index_t (32-bit division where the walk fits it: far cheaper than 64-bit on a GPU).
+// Returns the index along the innermost dim.
+template <typename index_t, bool kAdd>
+__device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t linear, int64_t (&offset)[kOperands]) {
+  index_t rest = static_cast<index_t>(linear);
+  int64_t inner_index = 0;
+#pragma unroll
+  for (int k = 0; k < kOperands; ++k) offset[k] = 0;
+  for (int64_t d = layout.ndim - 1; d >= 0; --d) {
+    const index_t size = static_cast<index_t>(layout.sizes[d]);
+    const index_t index = rest % size;
+    rest /= size;
+    if (d == layout.ndim - 1) inner_index = static_cast<int64_t>(index);
+#pragma unroll
+    for (int k = 0; k < kOperands; ++k) {
+      if (kAdd || k != kRes) offset[k] += static_cast<int64_t>(index) * layout.strides[k][d];
+    }
+  }
+  return inner_index;
+}
+
 // Any other layout (permuted, channels_last, sliced) or a mask shared over some dims, walked
-// in the merged layout (layout.h): each thread maps four consecutive logical indices to the
-// operands' offsets and the mask index, and keeps the Philox group it computed last (a shared
-// mask value, or the next words).
-template <typename scalar_t, bool kAdd, typename StateSource>
+// in the merged layout (layout.h): each thread takes four consecutive walk indices, locates
+// the first with divisions and steps to the next along the innermost dim, and keeps the
+// Philox group it computed last (a shared mask value, or the next words). The walk is in the
+// output's memory order where the caller needs no logical index (no bias), else in logical
+// order, where the bias column is the logical index modulo the last dim's size.
+template <typename scalar_t, bool kAdd, typename index_t, typename StateSource>
 __global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> ops, MergedLayout layout,
                                                            StateSource src, OutputRule<scalar_t> rule) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
-  const int64_t quad = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;
+  if (first >= ops.numel) return;
+  int64_t offset[kOperands];
+  int64_t inner_index = locate<index_t, kAdd>(layout, first, offset);
   int64_t cached_group = -1;
   PhiloxWords w{};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int64_t linear = quad * 4 + j;
+    const int64_t linear = first + j;
     if (linear >= ops.numel) break;
-    int64_t rest = linear, offset[kOperands] = {};
-    for (int64_t d = layout.ndim - 1; d >= 0; --d) {
-      const int64_t index = rest % layout.sizes[d];
-      rest /= layout.sizes[d];
+    if (j > 0) {
+      if (++inner_index == layout.inner()) {
+        inner_index = locate<index_t, kAdd>(layout, linear, offset);
+      } else {
 #pragma unroll
-      for (int k = 0; k < kOperands; ++k) {
-        if (kAdd || k != kRes) offset[k] += index * layout.strides[k][d];
+        for (int k = 0; k < kOperands; ++k) offset[k] += layout.inner_stride(k);
       }
     }
     const int64_t mask_index = offset[kMask];
