@@ -1,12 +1,11 @@
-// Pieces shared by the CPU and CUDA implementations: the output rule in ATen's types and
-// the argument checks. The kernels themselves live in cpu/ and cuda/.
+// Pieces shared by the CPU and CUDA host code: the argument checks, the mask layout and the
+// merged walk of a call's tensors. The kernels themselves live in cpu/ and cuda/.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <optional>
 
-#include <ATen/OpMathType.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
@@ -14,11 +13,6 @@
 #include "philox.h"
 
 namespace fused_dropout {
-
-// The output rule of philox.h with ATen's accumulation type: float for float16, bfloat16
-// and float32, double for float64.
-template <typename scalar_t>
-using OutputRule = MaskedScale<scalar_t, at::opmath_type<scalar_t>>;
 
 // Which mask element each input element uses. The mask shape is the input's shape with the
 // shared dims set to 1 (one mask value for every index along them), and the mask rule's

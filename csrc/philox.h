@@ -1,5 +1,6 @@
 // Philox4x32-10, the dropout mask rule and the output rule, shared by the CPU and CUDA
-// kernels. Free of ATen so that the CPU's AVX-512 file can include it alone.
+// kernels. Free of ATen (c10's macros and 2-byte types only), so that the CPU's AVX-512
+// file and the CUDA kernels' host test can include it alone.
 //
 // The contract (README, "The mask rule"): for random state (seed, base) and drop
 // probability p, the element with logical row-major index i of the mask shape is kept iff
@@ -34,7 +35,7 @@ constexpr uint32_t kWeyl1 = 0xBB67AE85u;
 
 // How one lane word is multiplied: the only operation of a Philox round that differs
 // between a scalar and a SIMD word (the others are ^ and +, which both support). The CPU
-// kernel's AVX-512 policy (cpu/philox_avx512.cpp) runs the same rounds on 16 lanes.
+// kernel's AVX-512 policy (cpu/simd_avx512.cpp) runs the same rounds on 16 lanes.
 struct ScalarLanes {
   using word = uint32_t;
   C10_HOST_DEVICE C10_ALWAYS_INLINE static void mul_hi_lo(uint32_t m, uint32_t a, uint32_t& hi, uint32_t& lo) {
@@ -141,6 +142,26 @@ struct MaskedScale {
   }
   C10_HOST_DEVICE C10_ALWAYS_INLINE static scalar_t plus_bias(scalar_t x, scalar_t bias) {
     return static_cast<scalar_t>(static_cast<acc_t>(x) + static_cast<acc_t>(bias));
+  }
+};
+
+// The output rule of a tensor dtype, in the accumulation type torch uses for it (its
+// opmath type): float for float16, bfloat16 and float32, double for float64.
+template <typename scalar_t>
+using OutputRule = MaskedScale<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>;
+
+// The word of mask index `index`, computing a Philox group only when the index leaves the
+// group of the previous call: a walk over indices with a small or zero step mostly reuses it.
+struct CachedGroup {
+  int64_t group = -1;
+  PhiloxWords words{};
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t word(uint64_t seed, uint64_t base, int64_t index) {
+    if ((index >> 2) != group) {
+      group = index >> 2;
+      words = mask_words(seed, base, static_cast<uint64_t>(group));
+    }
+    return words.w[index & 3];
   }
 };
 

@@ -25,6 +25,9 @@ struct LaunchIndex {
 };
 static LaunchIndex blockIdx, threadIdx;
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cuda/kernels.cuh"
 
 namespace fused_dropout {

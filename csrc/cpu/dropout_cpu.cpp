@@ -45,44 +45,25 @@ constexpr int64_t kBatchGroups = 256;
 // Groups per parallel task: big enough to amortise thread start-up.
 constexpr int64_t kGrainGroups = 8192;
 
-// The inner loops, picked once per process from what the CPU supports.
-// FUSED_DROPOUT_DISABLE_AVX512=1 forces the portable ones (the tests check both).
-struct InnerLoops {
-  FillWordsFn fill_words = &fill_mask_words;
-  ApplyFloatFn apply_float = nullptr;  // nullptr: the generic loop
-  Apply2ByteFn apply_half = nullptr;
-  Apply2ByteFn apply_bfloat16 = nullptr;
-  Apply2ByteAddFn apply_half_add = nullptr;
-  Apply2ByteAddFn apply_bfloat16_add = nullptr;
-
-  // The vector loops of a 2-byte scalar_t (dropout, dropout_add), or nullptrs.
-  template <typename scalar_t>
-  std::pair<Apply2ByteFn, Apply2ByteAddFn> two_byte() const {
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) return {apply_half, apply_half_add};
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return {apply_bfloat16, apply_bfloat16_add};
-    return {nullptr, nullptr};
-  }
-
-  static const InnerLoops& get() {
-    static const InnerLoops loops = [] {
-      InnerLoops picked;
+// The AVX-512 loops where the CPU has them (picked once per process), else none: the
+// portable loops below. FUSED_DROPOUT_DISABLE_AVX512=1 forces the portable ones (the tests
+// check both).
+const Avx512Loops* simd_loops() {
+  static const Avx512Loops* const loops = []() -> const Avx512Loops* {
 #ifdef FUSED_DROPOUT_HAVE_AVX512
-      const char* disable = std::getenv("FUSED_DROPOUT_DISABLE_AVX512");
-      const bool disabled = disable != nullptr && std::string(disable) == "1";
-      if (!disabled && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) {
-        picked.fill_words = &fill_mask_words_avx512;
-        picked.apply_float = &apply_float_avx512;
-        picked.apply_half = &apply_half_avx512;
-        picked.apply_bfloat16 = &apply_bfloat16_avx512;
-        picked.apply_half_add = &apply_half_add_avx512;
-        picked.apply_bfloat16_add = &apply_bfloat16_add_avx512;
-      }
+    const char* disable = std::getenv("FUSED_DROPOUT_DISABLE_AVX512");
+    const bool disabled = disable != nullptr && std::string(disable) == "1";
+    if (!disabled && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) return &avx512_loops();
 #endif
-      return picked;
-    }();
-    return loops;
-  }
-};
+    return nullptr;
+  }();
+  return loops;
+}
+
+void fill_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words) {
+  const Avx512Loops* simd = simd_loops();
+  (simd != nullptr ? simd->fill_words : &fill_mask_words)(seed, base, first_group, groups, words);
+}
 
 struct RngState {
   uint64_t seed;
@@ -114,94 +95,110 @@ struct RowWalk {
   }
 };
 
-// A 2-byte type's elements as the raw bits the vector loops take.
+// A run of a 2-byte type as the raw bits the AVX-512 loops take.
 template <typename scalar_t>
-const uint16_t* as_bits(const scalar_t* p) {
-  return reinterpret_cast<const uint16_t*>(p);
-}
-template <typename scalar_t>
-uint16_t* as_bits(scalar_t* p) {
-  return reinterpret_cast<uint16_t*>(p);
+Run<uint16_t> as_bits(const Run<scalar_t>& run) {
+  return {reinterpret_cast<const uint16_t*>(run.x), reinterpret_cast<const uint16_t*>(run.residual),
+          reinterpret_cast<const uint16_t*>(run.bias), run.column, run.last_size,
+          reinterpret_cast<uint16_t*>(run.y), run.words, run.count};
 }
 
-// Contiguous operands: out[i] = rule(in[i], words[i]) for i in [0, count), or with kAdd
-// res[i] + rule(in[i] + bias[column of i], words[i]), where column is element 0's index in
-// the last dim. The AVX-512 loops where the CPU has them, else a loop the compiler vectorises.
+// One contiguous run (simd.h): the AVX-512 loops where the CPU has them, else a loop the
+// compiler vectorises.
 template <typename scalar_t, bool kAdd>
-void apply_run(const scalar_t* in, const scalar_t* res, const scalar_t* bias, int64_t column, int64_t last_size,
-               scalar_t* out, const uint32_t* words, int64_t count, const OutputRule<scalar_t>& op) {
-  const InnerLoops& loops = InnerLoops::get();
+void apply_run(const Run<scalar_t>& run, const OutputRule<scalar_t>& rule) {
+  if (const Avx512Loops* simd = simd_loops()) {
+    if constexpr (std::is_same_v<scalar_t, float> && !kAdd) return simd->dropout_float(run, rule);
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      const TwoByteLoops& loops = std::is_same_v<scalar_t, c10::Half> ? simd->half : simd->bfloat16;
+      return (kAdd ? loops.dropout_add : loops.dropout)(as_bits(run), MaskedScale<float, float>{rule.keep, rule.scale});
+    }
+  }
   if constexpr (!kAdd) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (loops.apply_float != nullptr) return loops.apply_float(in, out, words, count, op);
-    }
-    if (const Apply2ByteFn apply = loops.two_byte<scalar_t>().first) {
-      return apply(as_bits(in), as_bits(out), words, count, op.keep, op.scale);
-    }
-    for (int64_t i = 0; i < count; ++i) out[i] = op(in[i], words[i]);
+    for (int64_t i = 0; i < run.count; ++i) run.y[i] = rule(run.x[i], run.words[i]);
   } else {
-    if (const Apply2ByteAddFn apply = loops.two_byte<scalar_t>().second) {
-      return apply(as_bits(in), as_bits(res), as_bits(bias), column, last_size, as_bits(out), words, count, op.keep,
-                   op.scale);
-    }
-    for (int64_t i = 0; i < count; ++i) {
-      scalar_t x = in[i];
-      if (bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, bias[column]);
-      out[i] = op.add_to(res[i], x, words[i]);
-      if (++column == last_size) column = 0;
+    int64_t column = run.column;
+    for (int64_t i = 0; i < run.count; ++i) {
+      scalar_t x = run.x[i];
+      if (run.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, run.bias[column]);
+      run.y[i] = rule.add_to(run.residual[i], x, run.words[i]);
+      if (++column == run.last_size) column = 0;
     }
   }
 }
 
+// The operands of one call: plain dropout reads `in`; dropout_add also `res` and `bias`.
+template <typename scalar_t>
+struct CpuOperands {
+  const scalar_t* in;
+  const scalar_t* res;
+  const scalar_t* bias;
+  scalar_t* out;
+  int64_t last_size;
+
+  CpuOperands(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias_tensor, at::Tensor& output)
+      : in(input.const_data_ptr<scalar_t>()),
+        res(residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr),
+        bias(bias_tensor.defined() ? bias_tensor.const_data_ptr<scalar_t>() : nullptr),
+        out(output.mutable_data_ptr<scalar_t>()),
+        last_size(input.dim() > 0 ? input.size(-1) : 1) {}
+};
+
 // Row-major operands and a full mask: the mask index is the memory index, so the random
 // words come in batches of whole Philox groups and every batch is one contiguous run.
 template <typename scalar_t, bool kAdd>
-void apply_row_major(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
-                     RngState state, const OutputRule<scalar_t>& op) {
-  const int64_t numel = input.numel();
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
-  const scalar_t* res = kAdd ? residual.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* b = kAdd && bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;  // where the bias runs
+void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state, const OutputRule<scalar_t>& rule) {
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
-  const InnerLoops& loops = InnerLoops::get();
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
     for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
       const int64_t batch = std::min(kBatchGroups, group_end - g);
-      loops.fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
+      fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
       const int64_t first = g * 4;
-      apply_run<scalar_t, kAdd>(in + first, kAdd ? res + first : nullptr, b, first % last_size, last_size,
-                                out + first, words, std::min(batch * 4, numel - first), op);
+      apply_run<scalar_t, kAdd>({ops.in + first, kAdd ? ops.res + first : nullptr, ops.bias, first % ops.last_size,
+                                 ops.last_size, ops.out + first, words, std::min(batch * 4, numel - first)},
+                                rule);
     }
   });
 }
 
-// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims, in the
-// merged layout's inner runs, a chunk of up to kChunk elements at a time: first the chunk's
-// random words (one value for a run that shares it, whole Philox groups for consecutive mask
-// indices, else one group per element, kept while the index stays in it), then the output
-// rule in the contiguous loops, on the run itself or on a gathered copy of a strided run.
+constexpr int64_t kChunk = 4 * kBatchGroups;  // elements of a strided run handled at once
+
+// The random words of `count` mask indices from `first_index` on, `step` apart: whole Philox
+// groups for consecutive indices, one value for a run that shares it (step 0), else one
+// group per index, kept while the index stays in it. Returns where the count words start.
+const uint32_t* draw_run_words(RngState state, int64_t first_index, int64_t step, int64_t count,
+                               uint32_t (&group_words)[4 * (kBatchGroups + 1)], uint32_t (&words)[kChunk]) {
+  if (step == 1) {
+    const int64_t first_group = first_index >> 2;
+    fill_words(state.seed, state.base, static_cast<uint64_t>(first_group),
+               ((first_index + count - 1) >> 2) - first_group + 1, group_words);
+    return group_words + (first_index & 3);
+  }
+  CachedGroup cache;
+  if (step == 0) {
+    std::fill_n(words, count, cache.word(state.seed, state.base, first_index));
+  } else {
+    for (int64_t i = 0; i < count; ++i) words[i] = cache.word(state.seed, state.base, first_index + i * step);
+  }
+  return words;
+}
+
+// Any other layout (permuted, channels_last, sliced) or a mask shared over some dims. The
+// steps: the dims are merged (layout.h); the work is split into chunks of up to kChunk
+// elements of the inner runs; each chunk's words are drawn; the output rule runs on the
+// chunk in place where it is contiguous, or on a gathered copy that is then scattered back,
+// so that strided runs take the vector loops too.
 template <typename scalar_t, bool kAdd>
-void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
-                   const MaskLayout& mask, RngState state, const OutputRule<scalar_t>& op) {
-  constexpr int64_t kChunk = 4 * kBatchGroups;
-  const MergedLayout layout = merged_layout(input, output, mask, residual);
+void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout, int64_t numel, RngState state,
+                   const OutputRule<scalar_t>& rule) {
   const int64_t inner = layout.inner();
   const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
-  const int64_t rows = input.numel() / inner;
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
-  const scalar_t* res = kAdd ? residual.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* b = kAdd && bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  const int64_t last_size = input.dim() > 0 ? input.size(-1) : 1;
   const int64_t in_step = layout.inner_stride(kIn), out_step = layout.inner_stride(kOut);
   const int64_t mask_step = layout.inner_stride(kMask), res_step = layout.inner_stride(kRes);
   const bool contiguous_run = in_step == 1 && out_step == 1 && (!kAdd || res_step == 1);
-  const InnerLoops& loops = InnerLoops::get();
   const int64_t grain = std::max<int64_t>(1, kGrainGroups * 4 / std::min(inner, kChunk));
-  at::parallel_for(0, rows * chunks_per_row, grain, [&](int64_t unit_begin, int64_t unit_end) {
+  at::parallel_for(0, numel / inner * chunks_per_row, grain, [&](int64_t unit_begin, int64_t unit_end) {
     alignas(64) uint32_t group_words[4 * (kBatchGroups + 1)];
     alignas(64) uint32_t words[kChunk];
     alignas(64) scalar_t x_run[kChunk], res_run[kAdd ? kChunk : 1], y_run[kChunk];
@@ -215,42 +212,21 @@ void apply_by_runs(const at::Tensor& input, const at::Tensor& residual, const at
       }
       const int64_t start = (unit % chunks_per_row) * kChunk;
       const int64_t count = std::min(kChunk, inner - start);
-      const int64_t first_mask = walk.offset[kMask] + start * mask_step;
-      const uint32_t* run_words = words;
-      if (mask_step == 1) {  // a full mask: consecutive indices, whole groups in one batch
-        const int64_t first_group = first_mask >> 2;
-        loops.fill_words(state.seed, state.base, static_cast<uint64_t>(first_group),
-                         ((first_mask + count - 1) >> 2) - first_group + 1, group_words);
-        run_words = group_words + (first_mask & 3);
-      } else if (mask_step == 0) {  // shared along the run
-        std::fill_n(words, count, mask_words(state.seed, state.base, first_mask >> 2).w[first_mask & 3]);
-      } else {
-        int64_t cached_group = -1;
-        PhiloxWords w{};
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t index = first_mask + i * mask_step;
-          if ((index >> 2) != cached_group) {
-            cached_group = index >> 2;
-            w = mask_words(state.seed, state.base, static_cast<uint64_t>(cached_group));
-          }
-          words[i] = w.w[index & 3];
-        }
-      }
-      const scalar_t* x = in + walk.offset[kIn] + start * in_step;
-      const scalar_t* r = kAdd ? res + walk.offset[kRes] + start * res_step : nullptr;
-      scalar_t* y = out + walk.offset[kOut] + start * out_step;
-      int64_t column = (row * inner + start) % last_size;  // the logical index's place in the last dim
+      const uint32_t* run_words =
+          draw_run_words(state, walk.offset[kMask] + start * mask_step, mask_step, count, group_words, words);
+      const scalar_t* x = ops.in + walk.offset[kIn] + start * in_step;
+      const scalar_t* r = kAdd ? ops.res + walk.offset[kRes] + start * res_step : nullptr;
+      scalar_t* y = ops.out + walk.offset[kOut] + start * out_step;
+      const int64_t column = (row * inner + start) % ops.last_size;  // the logical index's place in the last dim
       if (contiguous_run) {
-        apply_run<scalar_t, kAdd>(x, r, b, column, last_size, y, run_words, count, op);
+        apply_run<scalar_t, kAdd>({x, r, ops.bias, column, ops.last_size, y, run_words, count}, rule);
         continue;
       }
-      // A strided run is gathered into contiguous buffers, so that it too takes the vector
-      // loops (the 2-byte conversions above all), and the result is scattered back.
       for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * in_step];
       if constexpr (kAdd) {
         for (int64_t i = 0; i < count; ++i) res_run[i] = r[i * res_step];
       }
-      apply_run<scalar_t, kAdd>(x_run, res_run, b, column, last_size, y_run, run_words, count, op);
+      apply_run<scalar_t, kAdd>({x_run, res_run, ops.bias, column, ops.last_size, y_run, run_words, count}, rule);
       for (int64_t i = 0; i < count; ++i) y[i * out_step] = y_run[i];
     }
   });
@@ -262,11 +238,12 @@ template <typename scalar_t, bool kAdd>
 void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
            const MaskLayout& mask, RngState state, double p) {
   if (input.numel() == 0) return;
-  const auto op = OutputRule<scalar_t>::for_p(p);
+  const auto rule = OutputRule<scalar_t>::for_p(p);
+  const CpuOperands<scalar_t> ops(input, residual, bias, output);
   if (!mask.shared && input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous())) {
-    apply_row_major<scalar_t, kAdd>(input, residual, bias, output, state, op);
+    apply_row_major<scalar_t, kAdd>(ops, input.numel(), state, rule);
   } else {
-    apply_by_runs<scalar_t, kAdd>(input, residual, bias, output, mask, state, op);
+    apply_by_runs<scalar_t, kAdd>(ops, merged_layout(input, output, mask, residual), input.numel(), state, rule);
   }
 }
 
@@ -293,17 +270,25 @@ at::Tensor state_tensor(RngState state) {
 }
 
 // A fresh output of tens of MiB is mapped by the OS on first write, one 4 KiB page fault at a
-// time. That cost more than the kernel: 19 of 28 ms for a forward of 2^24 float32 elements on
-// the 2-core machine. So the out-of-place ops ask for transparent huge pages on the 2 MiB-
-// aligned part of a large output before writing it, which turns 512 faults into one. The
-// hint covers only memory this op owns and is about to fill; where the kernel grants no
-// huge pages (THP "never", or memory already mapped) nothing changes.
+// time, which can cost more than the kernel. With FUSED_DROPOUT_HUGE_PAGES=1 the
+// out-of-place ops ask for transparent huge pages on the 2 MiB-aligned part of a large
+// output before writing it, which turns 512 faults into one; the hint covers only memory
+// this op owns and is about to fill. It is off by default: when the OS must compact memory
+// to find huge pages, single calls stall (docs/performance.md has the tail latencies).
+bool huge_pages_requested() {
+  static const bool requested = [] {
+    const char* value = std::getenv("FUSED_DROPOUT_HUGE_PAGES");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return requested;
+}
+
 at::Tensor new_output(const at::Tensor& input) {
   at::Tensor output = empty_output_like(input);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const size_t bytes = output.storage().nbytes();
-  if (bytes >= 8 * kHugePage) {
+  if (bytes >= 8 * kHugePage && huge_pages_requested()) {
     const auto start = reinterpret_cast<uintptr_t>(output.storage().mutable_data());
     const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
     const uintptr_t end = (start + bytes) & ~(kHugePage - 1);

@@ -1,10 +1,11 @@
-// AVX-512 versions of the CPU kernel's inner loops.
+// AVX-512 versions of the CPU kernel's inner loops (the table avx512_loops(), simd.h).
 //
 // Random words: 16 Philox lanes per register, through the same rounds as the scalar Philox
-// (philox4x32_10_rounds) with a lane policy whose 32x32->64 multiply is two vpmuludq: about
-// 3x the throughput of the auto-vectorised scalar loop, which cannot express that multiply.
-// Output: the shared output rule for float32, vectorised 16 wide, and for float16 with the
-// F16C conversion instructions in place of c10::Half's software ones.
+// (philox4x32_10_rounds) with a lane policy whose 32x32->64 multiply is two vpmuludq, which
+// the auto-vectorised scalar loop cannot express.
+// Output: the shared output rule for float32, vectorised 16 wide; float16 and bfloat16
+// widened to float32 (F16C for float16, shifts for bfloat16), through the same rule, and
+// narrowed back with c10's rounding; dropout_add in float16 and bfloat16 the same way.
 //
 // The whole file is compiled for AVX-512F and includes nothing but philox.h (no ATen), so
 // no AVX-512 code can end up in an inline function or static initialiser that other files
@@ -68,8 +69,6 @@ inline void store_group_order(__m512i w0, __m512i w1, __m512i w2, __m512i w3, ui
   _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(v1, v3, 0xDD));  // groups 12..15
 }
 
-}  // namespace
-
 void fill_mask_words_avx512(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint32_t k0 = static_cast<uint32_t>(seed);
@@ -92,8 +91,6 @@ void fill_mask_words_avx512(uint64_t seed, uint64_t base, uint64_t first_group, 
     for (int j = 0; j < 4; ++j) words[4 * g + j] = w.w[j];
   }
 }
-
-namespace {
 
 // The two 2-byte formats, 16 lanes of raw bits at a time, widened to and narrowed from float32
 // exactly as c10::Half and c10::BFloat16 convert one value.
@@ -158,33 +155,29 @@ inline void for_each_16(const uint16_t* x, const uint16_t* residual, const uint3
 }
 
 template <typename Format>
-void apply_2byte(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep, float scale) {
-  const MaskedScale<float, float> rule{keep, scale};
-  for_each_16(x, nullptr, words, y, count,
+void dropout_2byte(const Run<uint16_t>& run, const MaskedScale<float, float>& rule) {
+  for_each_16(run.x, nullptr, run.words, run.y, run.count,
               [&](int64_t, const uint16_t* x16, const uint16_t*, const uint32_t* w16, uint16_t* y16) {
                 store_lanes(y16, Format::narrow(dropout_lanes(Format::widen(load_lanes(x16)), w16, rule)));
               });
 }
 
 // residual + dropout(x + bias), each of the three steps narrowed to the 2-byte format as the
-// unfused ops would round it. The bias runs along rows of last_size elements; column is the
-// first element's place in its row.
+// unfused ops would round it. The bias runs along rows of last_size elements.
 template <typename Format>
-void apply_2byte_add(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
-                     int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
-                     float scale) {
-  const MaskedScale<float, float> rule{keep, scale};
+void dropout_add_2byte(const Run<uint16_t>& run, const MaskedScale<float, float>& rule) {
   const auto round = [](__m512 v) { return Format::widen(Format::narrow(v)); };
-  for_each_16(x, residual, words, y, count,
+  const uint16_t* bias = run.bias;
+  for_each_16(run.x, run.residual, run.words, run.y, run.count,
               [&](int64_t i, const uint16_t* x16, const uint16_t* res16, const uint32_t* w16, uint16_t* y16) {
                 __m512 v = Format::widen(load_lanes(x16));
                 if (bias != nullptr) {
                   alignas(32) uint16_t bias16[kLanes];
-                  int64_t c = (column + i) % last_size;
-                  if (c + kLanes <= last_size) {
+                  int64_t c = (run.column + i) % run.last_size;
+                  if (c + kLanes <= run.last_size) {
                     std::memcpy(bias16, bias + c, sizeof(bias16));
                   } else {  // the 16 lanes cross the end of a row
-                    for (int j = 0; j < kLanes; ++j, c = c + 1 == last_size ? 0 : c + 1) bias16[j] = bias[c];
+                    for (int j = 0; j < kLanes; ++j, c = c + 1 == run.last_size ? 0 : c + 1) bias16[j] = bias[c];
                   }
                   v = round(_mm512_add_ps(v, Format::widen(load_lanes(bias16))));
                 }
@@ -193,34 +186,21 @@ void apply_2byte_add(const uint16_t* x, const uint16_t* residual, const uint16_t
               });
 }
 
+void dropout_float(const Run<float>& run, const MaskedScale<float, float>& rule) {
+  for (int64_t i = 0; i < run.count; ++i) run.y[i] = rule(run.x[i], run.words[i]);
+}
+
+// Constant-initialised: no AVX-512 code runs before a caller has checked the CPU.
+constexpr Avx512Loops kLoops{
+    &fill_mask_words_avx512,
+    &dropout_float,
+    {&dropout_2byte<HalfLanes>, &dropout_add_2byte<HalfLanes>},
+    {&dropout_2byte<BFloat16Lanes>, &dropout_add_2byte<BFloat16Lanes>},
+};
+
 }  // namespace
 
-void apply_half_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
-                       float scale) {
-  apply_2byte<HalfLanes>(x, y, words, count, keep, scale);
-}
-
-void apply_bfloat16_avx512(const uint16_t* x, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
-                           float scale) {
-  apply_2byte<BFloat16Lanes>(x, y, words, count, keep, scale);
-}
-
-void apply_half_add_avx512(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
-                           int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
-                           float scale) {
-  apply_2byte_add<HalfLanes>(x, residual, bias, column, last_size, y, words, count, keep, scale);
-}
-
-void apply_bfloat16_add_avx512(const uint16_t* x, const uint16_t* residual, const uint16_t* bias, int64_t column,
-                               int64_t last_size, uint16_t* y, const uint32_t* words, int64_t count, KeepRule keep,
-                               float scale) {
-  apply_2byte_add<BFloat16Lanes>(x, residual, bias, column, last_size, y, words, count, keep, scale);
-}
-
-void apply_float_avx512(const float* x, float* y, const uint32_t* words, int64_t count,
-                        const MaskedScale<float, float>& rule) {
-  for (int64_t i = 0; i < count; ++i) y[i] = rule(x[i], words[i]);
-}
+const Avx512Loops& avx512_loops() { return kLoops; }
 
 }  // namespace fused_dropout
 

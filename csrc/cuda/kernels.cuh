@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "../dropout.h"
 #include "../layout.h"
+#include "../philox.h"
 
 namespace fused_dropout {
 
@@ -148,8 +148,7 @@ __global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> op
   if (first >= ops.numel) return;
   int64_t offset[kOperands];
   int64_t inner_index = locate<index_t, kAdd>(layout, first, offset);
-  int64_t cached_group = -1;
-  PhiloxWords w{};
+  CachedGroup cache;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t linear = first + j;
@@ -162,12 +161,7 @@ __global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> op
         for (int k = 0; k < kOperands; ++k) offset[k] += layout.inner_stride(k);
       }
     }
-    const int64_t mask_index = offset[kMask];
-    if ((mask_index >> 2) != cached_group) {
-      cached_group = mask_index >> 2;
-      w = mask_words(seed, base, static_cast<uint64_t>(cached_group));
-    }
-    const uint32_t word = w.w[mask_index & 3];
+    const uint32_t word = cache.word(seed, base, offset[kMask]);
     if (kAdd) {
       scalar_t x = ops.in[offset[kIn]];
       if (ops.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, ops.bias[linear % ops.last_size]);
