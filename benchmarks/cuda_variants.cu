@@ -1,5 +1,6 @@
 // Launch-shape study for the row-major CUDA dropout kernel, outside PyTorch: the same shared
-// Philox and output rule as csrc/cuda/dropout_cuda.cu (csrc/philox.h), run with several
+// Philox and output rule as the extension's kernels (csrc/philox.h; the kernels themselves
+// are in csrc/cuda/kernels.cuh), run with several
 // block sizes, steps per thread and grid shapes, each checked bit for bit against the host
 // rule and timed against cudaMemcpy and a plain copy kernel of the same shape.
 //

@@ -1,6 +1,6 @@
 // How the kernels walk a tensor that is not one row-major run (permuted, channels_last,
 // sliced, or with a mask shared over some dims). Free of ATen, like philox.h, so that the CUDA
-// kernels' host test can use it as they do.
+// kernels (cuda/kernels.cuh) and their host test include it alone.
 #pragma once
 
 #include <algorithm>

@@ -40,3 +40,47 @@ def with_special_values(x: torch.Tensor) -> torch.Tensor:
     for start in (0, flat.numel() // 2, flat.numel() - n):
         flat[start : start + n] = specials
     return x
+
+
+# The CPU inner-loop agreement check (test_mask.py): its inputs and calls, shared with the
+# probe script that runs them in a fresh process.
+INNER_LOOP_SHAPE = (4 * 8192 * 2 // 63 + 1, 63)  # several parallel tasks, rows that do not align with them
+INNER_LOOP_SEED, INNER_LOOP_OFFSET = 2**63 + 1, 2**32 - 40
+
+
+def inner_loop_inputs(dtype: torch.dtype):
+    """x, residual, bias with special values where the vector loops have full and partial steps."""
+    shapes = [INNER_LOOP_SHAPE, INNER_LOOP_SHAPE, INNER_LOOP_SHAPE[-1:]]
+    x, r, b = (random_input(s, dtype, seed=k) for k, s in enumerate(shapes))
+    return with_special_values(x), with_special_values(r.flip(0)), b
+
+
+def inner_loop_call(op: str, x, r, b):
+    import fused_dropout
+
+    kwargs = dict(seed=INNER_LOOP_SEED, offset=INNER_LOOP_OFFSET)
+    if op == "dropout":
+        return fused_dropout.dropout(x, 0.3, **kwargs)
+    return fused_dropout.dropout_add(x, r, 0.3, bias=b if op == "dropout_add" else None, **kwargs)
+
+
+def saved_bytes(fn, x):
+    """Bytes autograd saves for backward during fn(x)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(x)
+    return total
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

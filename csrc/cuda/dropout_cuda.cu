@@ -56,11 +56,11 @@ __device__ __forceinline__ void resolve_state(const StateSource& src, uint64_t& 
   }
 }
 
-// Blocks for one work item per thread. This moved 100% of cudaMemcpy's bandwidth on an H100,
-// where a grid of resident blocks looping over the work moved 88-93%
-// (benchmarks/cuda_variants.cu, NOTES.md). The mask does not depend on the grid, only on the
-// logical index. The kernels rely on the grid covering all of their work (they do not loop);
-// the largest grid covers 2^31 - 1 blocks of 256 work items, far beyond any GPU's memory.
+// Blocks for one work item per thread, rather than a grid of resident blocks that loops over
+// the work (benchmarks/studies/ compares the launch shapes). The mask does not depend on the
+// grid, only on the logical index. The kernels rely on the grid covering all of their work
+// (they do not loop); the largest grid covers 2^31 - 1 blocks of 256 work items, far beyond
+// any GPU's memory.
 int grid_for(int64_t work_items) {
   constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
   const int64_t needed = (work_items + kThreads - 1) / kThreads;

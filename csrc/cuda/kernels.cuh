@@ -92,11 +92,9 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 }
 
 // Row-major operands: one step per thread, as straight-line code; the launch covers every
-// step. As a loop (a grid-stride loop, even with the partial step kept out of it), ptxas
-// placed a 2-byte type's 16-byte load after the Philox rounds, or unpacked it right after
-// issuing it, so each thread sat out the memory latency with nothing to do. Without the loop
-// the load is issued first and about 120 Philox instructions run while it is in flight
-// (benchmarks/NOTES.md).
+// step. Straight-line code lets ptxas issue a 2-byte type's 16-byte load before the Philox
+// rounds, which then run while the load is in flight (benchmarks/NOTES.md has the SASS
+// reading that motivated it).
 template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, typename StateSource>
 __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src,
                                                               OutputRule<scalar_t> rule) {
