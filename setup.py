@@ -8,15 +8,15 @@ without a GPU on this machine. Environment:
     TORCH_CUDA_ARCH_LIST  target GPUs (default "8.0;9.0": A100, H100/H200)
     DEBUG=1               -O0 -g
 """
+
 import glob
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
@@ -36,9 +36,11 @@ def find_cuda_home():
         candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
     candidates.append("/usr/local/cuda")
     for candidate in candidates:
-        if candidate and (Path(candidate) / "bin" / "nvcc").exists() and (
-            Path(candidate) / "include" / "cuda_runtime.h"
-        ).exists():
+        if (
+            candidate
+            and (Path(candidate) / "bin" / "nvcc").exists()
+            and (Path(candidate) / "include" / "cuda_runtime.h").exists()
+        ):
             return str(Path(candidate).resolve())
     return None
 

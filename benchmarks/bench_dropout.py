@@ -18,6 +18,7 @@ Writes results.md (the table), results.csv, results.json and gbps.png to --out.
     python benchmarks/bench_dropout.py                  # CUDA when present, else CPU
     python benchmarks/bench_dropout.py --quick          # a smoke run (CI)
 """
+
 import argparse
 import csv
 import json
@@ -119,10 +120,16 @@ def cycle(items):
 def result_row(dtype, numel, variant, direction, seconds, counted_bytes, copy_seconds=None, saved_bytes=None):
     """One row of the results: time, GB/s of the counted bytes, and % of a copy's speed
     (NaN where no copy of the same bytes was timed)."""
-    return {"dtype": str(dtype).replace("torch.", ""), "numel": numel, "variant": variant, "direction": direction,
-            "ms": seconds * 1e3, "GB/s": counted_bytes / seconds / 1e9,
-            "pct_of_copy": float("nan") if copy_seconds is None else 100.0 * copy_seconds / seconds,
-            "saved_bytes": saved_bytes}
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "numel": numel,
+        "variant": variant,
+        "direction": direction,
+        "ms": seconds * 1e3,
+        "GB/s": counted_bytes / seconds / 1e9,
+        "pct_of_copy": float("nan") if copy_seconds is None else 100.0 * copy_seconds / seconds,
+        "saved_bytes": saved_bytes,
+    }
 
 
 def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
@@ -164,8 +171,10 @@ def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
     # The backward ops alone, outside the autograd engine (whose own cost is a fixed tens of
     # microseconds per call): PyTorch's mask multiply against this library's mask replay.
     backward_ops = {
-        "F.dropout": (torch.ops.aten.native_dropout(inputs[0], p, True)[1],
-                      lambda g, mask: torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))),
+        "F.dropout": (
+            torch.ops.aten.native_dropout(inputs[0], p, True)[1],
+            lambda g, mask: torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p)),
+        ),
         "fused_dropout": (ops.dropout(inputs[0], p)[1], lambda g, state: ops.dropout_replay(g, state, p)),
     }
     for name, (saved, backward_op) in backward_ops.items():
@@ -177,8 +186,18 @@ def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
             if direction == "saved_bytes":
                 continue
             passes = 2 if direction == "forward+backward" else 1
-            results.append(result_row(dtype, numel, name, direction, seconds, pass_bytes * passes,
-                                      copy_time * passes, times.get("saved_bytes")))
+            results.append(
+                result_row(
+                    dtype,
+                    numel,
+                    name,
+                    direction,
+                    seconds,
+                    pass_bytes * passes,
+                    copy_time * passes,
+                    times.get("saved_bytes"),
+                )
+            )
     # Ratios to the PyTorch variants, measured in this same run.
     for entry in results:
         for ref in ("F.dropout", "compiled F.dropout"):
@@ -216,7 +235,9 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
     for ref in ("eager", "compiled"):
         match = [r for r in results if r["variant"] == f"add: {ref}"]
         if match:
-            fused[f"speedup_vs_{'F.dropout' if ref == 'eager' else 'compiled F.dropout'}"] = match[0]["ms"] / fused["ms"]
+            fused[f"speedup_vs_{'F.dropout' if ref == 'eager' else 'compiled F.dropout'}"] = (
+                match[0]["ms"] / fused["ms"]
+            )
     return results
 
 
@@ -232,20 +253,30 @@ def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
     last = [t.contiguous(memory_format=torch.channels_last) for t in images]
     next_image, next_last = cycle(images), cycle(last)
     cases = {
-        "channels_last": (next_last, lambda x: F.dropout(x, p, training=True),
-                          lambda x: fused_dropout.dropout(x, p, training=True)),
-        "dropout2d": (next_image, lambda x: F.dropout2d(x, p, training=True),
-                      lambda x: fused_dropout.dropout2d(x, p, training=True)),
+        "channels_last": (
+            next_last,
+            lambda x: F.dropout(x, p, training=True),
+            lambda x: fused_dropout.dropout(x, p, training=True),
+        ),
+        "dropout2d": (
+            next_image,
+            lambda x: F.dropout2d(x, p, training=True),
+            lambda x: fused_dropout.dropout2d(x, p, training=True),
+        ),
     }
     counted = 2 * images[0].numel() * images[0].element_size()
     results = []
     for case, (next_input, theirs, ours) in cases.items():
         copy_time = timer(lambda: next_input().clone())
-        times = {"copy": copy_time, "F.dropout": timer(lambda: theirs(next_input())),
-                 "fused_dropout": timer(lambda: ours(next_input()))}
+        times = {
+            "copy": copy_time,
+            "F.dropout": timer(lambda: theirs(next_input())),
+            "fused_dropout": timer(lambda: ours(next_input())),
+        }
         for name, seconds in times.items():
-            results.append(result_row(dtype, images[0].numel(), f"{case}: {name}", "forward", seconds, counted,
-                                      copy_time))
+            results.append(
+                result_row(dtype, images[0].numel(), f"{case}: {name}", "forward", seconds, counted, copy_time)
+            )
         results[-1]["speedup_vs_F.dropout"] = times["F.dropout"] / times["fused_dropout"]
     return results
 
@@ -273,8 +304,10 @@ def deep_mlp_peak_memory(device, dropout_cls, width=4096, depth=8, batch=8192):
 def describe(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return (f"CPU {platform.processor() or platform.machine()} with {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    return (
+        f"CPU {platform.processor() or platform.machine()} with {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
 
 
 def fmt_size(numel):
@@ -285,12 +318,17 @@ def markdown(results, header):
     def cell(value, fmt):
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
-    lines = [header, "", "| dtype | size | direction | variant | ms | GB/s | % of copy | vs F.dropout | vs compiled | saved bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| dtype | size | direction | variant | ms | GB/s | % of copy | vs F.dropout | vs compiled | saved bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
             f"| {r['dtype']} | {fmt_size(r['numel'])} | {r['direction']} | {r['variant']} | {r['ms']:.3f} | "
-            f"{r['GB/s']:.1f} | {cell(r['pct_of_copy'], '{:.0f}%')} | {cell(r.get('speedup_vs_F.dropout'), '{:.2f}x')} | "
+            f"{r['GB/s']:.1f} | {cell(r['pct_of_copy'], '{:.0f}%')} | "
+            f"{cell(r.get('speedup_vs_F.dropout'), '{:.2f}x')} | "
             f"{cell(r.get('speedup_vs_compiled F.dropout'), '{:.2f}x')} | {cell(r['saved_bytes'], '{}')} |"
         )
     return "\n".join(lines)
@@ -306,8 +344,14 @@ def plot(results, path, title):
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         for variant in dict.fromkeys(r["variant"] for r in results):
-            points = [r for r in results if r["dtype"] == dtype and r["variant"] == variant
-                      and r["direction"] == "forward" and ": " not in variant]  # the flat-tensor rows
+            points = [
+                r
+                for r in results
+                if r["dtype"] == dtype
+                and r["variant"] == variant
+                and r["direction"] == "forward"
+                and ": " not in variant
+            ]  # the flat-tensor rows
             if points:
                 ax.plot([r["numel"] for r in points], [r["GB/s"] for r in points], marker="o", label=variant)
         ax.set_xscale("log", base=2)
@@ -370,8 +414,11 @@ def main(argv=None):
                 rows += measure_layouts(numel, dtype, device, p, timer, cache_bytes)
             results += rows
             ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
-            print(f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "
-                  f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout", flush=True)
+            print(
+                f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "
+                f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout",
+                flush=True,
+            )
             if cuda:
                 torch.cuda.empty_cache()
     memory = None
@@ -390,12 +437,32 @@ def main(argv=None):
             + f" (saved {(memory['nn.Dropout'] - memory['FusedDropout']) / 2**20:.0f} MiB)"
         )
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"device": describe(device), "date": time.strftime("%Y-%m-%d"), "p": p, "reps": reps,
-         "results": results, "deep_mlp_peak_memory_bytes": memory}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "device": describe(device),
+                "date": time.strftime("%Y-%m-%d"),
+                "p": p,
+                "reps": reps,
+                "results": results,
+                "deep_mlp_peak_memory_bytes": memory,
+            },
+            indent=2,
+        )
+    )
     with open(out / "results.csv", "w", newline="") as f:
-        keys = ["dtype", "numel", "variant", "direction", "ms", "GB/s", "pct_of_copy", "saved_bytes",
-                "speedup_vs_F.dropout", "speedup_vs_compiled F.dropout"]
+        keys = [
+            "dtype",
+            "numel",
+            "variant",
+            "direction",
+            "ms",
+            "GB/s",
+            "pct_of_copy",
+            "saved_bytes",
+            "speedup_vs_F.dropout",
+            "speedup_vs_compiled F.dropout",
+        ]
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for r in results:

@@ -79,11 +79,21 @@ def model_specs(device, quick):
     cuda = device.type == "cuda"
     image = 224 if cuda else (32 if quick else 64)
     batch = 32 if cuda else (2 if quick else 8)
-    gpt = dict(layers=12, dim=768, heads=12, seq=512, batch=8) if cuda else (
-        dict(layers=2, dim=64, heads=2, seq=64, batch=2) if quick else dict(layers=4, dim=256, heads=4, seq=128, batch=4))
+    gpt = (
+        dict(layers=12, dim=768, heads=12, seq=512, batch=8)
+        if cuda
+        else (
+            dict(layers=2, dim=64, heads=2, seq=64, batch=2)
+            if quick
+            else dict(layers=4, dim=256, heads=4, seq=128, batch=4)
+        )
+    )
 
     def images(classes=1000):
-        return lambda: (torch.randn(batch, 3, image, image, device=device), torch.randint(0, classes, (batch,), device=device))
+        return lambda: (
+            torch.randn(batch, 3, image, image, device=device),
+            torch.randint(0, classes, (batch,), device=device),
+        )
 
     def tokens():
         idx = lambda: torch.randint(0, 50257, (gpt["batch"], gpt["seq"]), device=device)  # noqa: E731
@@ -92,8 +102,15 @@ def model_specs(device, quick):
     def vit(fused):
         if cuda:
             return tv.vit_b_16(weights=None, dropout=0.1)
-        return tv.VisionTransformer(image_size=image, patch_size=16, num_layers=2 if quick else 4, num_heads=4,
-                                    hidden_dim=64 if quick else 192, mlp_dim=256 if quick else 768, dropout=0.1)
+        return tv.VisionTransformer(
+            image_size=image,
+            patch_size=16,
+            num_layers=2 if quick else 4,
+            num_heads=4,
+            hidden_dim=64 if quick else 192,
+            mlp_dim=256 if quick else 768,
+            dropout=0.1,
+        )
 
     specs = [
         ("gpt2", lambda fused: GPT(gpt["layers"], gpt["dim"], gpt["heads"], fused=fused), tokens()),
@@ -192,13 +209,24 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
             memory = torch.cuda.max_memory_allocated() - base
         else:
             memory = saved_bytes_of_forward(v["model"], batch[0]) if mode == "eager" else float("nan")
-        rows.append({"model": name, "variant": kind, "mode": mode, "ms_median": statistics.median(v["ms"]),
-                     "ms_p95": percentile(v["ms"], 0.95), "ms_max": max(v["ms"]), "memory_bytes": memory,
-                     "steps": len(v["ms"])})
+        rows.append(
+            {
+                "model": name,
+                "variant": kind,
+                "mode": mode,
+                "ms_median": statistics.median(v["ms"]),
+                "ms_p95": percentile(v["ms"], 0.95),
+                "ms_max": max(v["ms"]),
+                "memory_bytes": memory,
+                "steps": len(v["ms"]),
+            }
+        )
     for row in rows:
         stock_row = next(r for r in rows if r["mode"] == row["mode"] and r["variant"] == "stock")
         row["speedup_vs_stock"] = stock_row["ms_median"] / row["ms_median"]
-        row["memory_vs_stock"] = row["memory_bytes"] / stock_row["memory_bytes"] if stock_row["memory_bytes"] else float("nan")
+        row["memory_vs_stock"] = (
+            row["memory_bytes"] / stock_row["memory_bytes"] if stock_row["memory_bytes"] else float("nan")
+        )
     return rows
 
 
@@ -206,16 +234,23 @@ def write_outputs(rows, meta, out):
     out.mkdir(parents=True, exist_ok=True)
     json.dump({**meta, "results": rows}, open(out / "results.json", "w"), indent=1)
     memory_name = "peak memory (MiB)" if meta["device"].startswith("cuda") else "saved for backward (MiB)"
-    lines = [f"# Training step, stock vs replace_dropout: {meta['device_name']}", "",
-             f"{meta['date']}, torch {meta['torch']}, {meta['steps']} timed steps per variant after "
-             f"{meta['warmup']} warm-up, interleaved. Time is the whole step (forward, backward, AdamW), not dropout alone.",
-             "", f"| model | mode | variant | steps/s | ms median | ms p95 | ms max | {memory_name} | speed vs stock | memory vs stock |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Training step, stock vs replace_dropout: {meta['device_name']}",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, {meta['steps']} timed steps per variant after "
+        f"{meta['warmup']} warm-up, interleaved. Time is the whole step (forward, backward, AdamW), not dropout alone.",
+        "",
+        f"| model | mode | variant | steps/s | ms median | ms p95 | ms max | {memory_name} "
+        "| speed vs stock | memory vs stock |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mem = "" if r["memory_bytes"] != r["memory_bytes"] else f"{r['memory_bytes'] / 2**20:.1f}"
         mem_ratio = "" if r["memory_vs_stock"] != r["memory_vs_stock"] else f"{r['memory_vs_stock']:.3f}x"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {1e3 / r['ms_median']:.2f} | {r['ms_median']:.1f} | "
-                     f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {mem} | {r['speedup_vs_stock']:.3f}x | {mem_ratio} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['variant']} | {1e3 / r['ms_median']:.2f} | {r['ms_median']:.1f} | "
+            f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {mem} | {r['speedup_vs_stock']:.3f}x | {mem_ratio} |"
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -224,8 +259,10 @@ def write_outputs(rows, meta, out):
         import matplotlib.pyplot as plt
 
         labels = sorted({(r["model"], r["mode"]) for r in rows})
-        fused = [next(r["speedup_vs_stock"] for r in rows if (r["model"], r["mode"]) == k and r["variant"] == "fused")
-                 for k in labels]
+        fused = [
+            next(r["speedup_vs_stock"] for r in rows if (r["model"], r["mode"]) == k and r["variant"] == "fused")
+            for k in labels
+        ]
         fig, ax = plt.subplots(figsize=(8, 3 + 0.25 * len(labels)))
         ax.barh([f"{m} ({mode})" for m, mode in labels], fused)
         ax.axvline(1.0, color="k", lw=0.8)
@@ -239,8 +276,9 @@ def write_outputs(rows, meta, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="two tiny models, few steps (CI)")
     parser.add_argument("--models", nargs="*", help="only these models")
@@ -259,10 +297,20 @@ def main():
         if args.models and name not in args.models:
             continue
         rows += bench_model(name, build, make_batch, device, args.modes, steps, warmup, progress)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    meta = {"device": str(device), "device_name": device_name, "torch": torch.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "steps": steps, "warmup": warmup,
-            "quick": args.quick}
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    meta = {
+        "device": str(device),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "steps": steps,
+        "warmup": warmup,
+        "quick": args.quick,
+    }
     write_outputs(rows, meta, Path(args.out))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check. On a GPU machine with no network (torch + CUDA toolkit installed) it
-#   1. times launch shapes of the row-major kernel outside PyTorch (cuda_variants.cu),
-#   2. builds the extension from source and reads its SASS (sass_load_distance.py),
+#   1. times launch shapes of the row-major kernel outside PyTorch (studies/cuda_variants.cu),
+#   2. builds the extension from source and reads its SASS (studies/sass_load_distance.py),
 #   3. runs the CUDA tests (slow ones included),
 #   4. runs the benchmark (float32, float16, bfloat16 at 2^16-2^28, deep-MLP memory),
 #   5. reads Nsight Compute's speed of light for this kernel and PyTorch's at 2^26,
@@ -44,11 +44,11 @@ step "environment"
 } 2>&1 | tee "$OUT/environment.txt"
 pack
 
-step "launch shapes outside PyTorch (benchmarks/cuda_variants.cu)"
+step "launch shapes outside PyTorch (benchmarks/studies/cuda_variants.cu)"
 if ! skipped variants; then
 TORCH_INCLUDE=$($PY -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")
 if nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I"$TORCH_INCLUDE" \
-     benchmarks/cuda_variants.cu -o "$OUT/cuda_variants.bin" >"$OUT/cuda_variants_build.log" 2>&1; then
+     benchmarks/studies/cuda_variants.cu -o "$OUT/cuda_variants.bin" >"$OUT/cuda_variants_build.log" 2>&1; then
   run_limited 90 "$OUT/cuda_variants.log" "$OUT/cuda_variants.bin" "$OUT/cuda_variants.csv" || status=1
   cat "$OUT/cuda_variants.log"
   rm -f "$OUT/cuda_variants.bin"
@@ -67,7 +67,7 @@ fi
 grep -E "fused_dropout setup" "$OUT/build.log" | head -3
 $PY -c "import fused_dropout as f; assert f.has_cuda_kernels(); print('CUDA kernels: yes')" || { pack; exit 1; }
 # How far ahead of their first use the 16-byte loads are issued (NOTES.md): read from the SASS.
-$PY benchmarks/sass_load_distance.py --arch sm_90 >"$OUT/sass_load_distance.txt" 2>&1 || true
+$PY benchmarks/studies/sass_load_distance.py --arch sm_90 >"$OUT/sass_load_distance.txt" 2>&1 || true
 cat "$OUT/sass_load_distance.txt"
 
 step "CUDA tests (slow ones included)"

@@ -6,6 +6,7 @@ which the host can issue them. Then a torch.profiler table of where one backward
 
     python benchmarks/launch_overhead.py [--device cuda] [--numel 65536]
 """
+
 import argparse
 import time
 
@@ -41,7 +42,10 @@ def main():
     leaf = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)
     variants = {"F.dropout": lambda t: F.dropout(t, 0.5), "fused_dropout": lambda t: fused_dropout.dropout(t, 0.5)}
-    print(f"host cost per call, {args.numel} float32 elements on {device} (best of 5 rounds of 2000 calls), torch {torch.__version__}")
+    print(
+        f"host cost per call, {args.numel} float32 elements on {device} (best of 5 rounds of 2000 calls), "
+        f"torch {torch.__version__}"
+    )
     graphs = {name: fn(leaf) for name, fn in variants.items()}
     for name, fn in variants.items():
         y = graphs[name]

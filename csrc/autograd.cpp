@@ -23,8 +23,8 @@ namespace {
 
 using torch::autograd::variable_list;
 
-using DropoutSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, std::optional<int64_t>,
-                                                            int64_t, std::optional<at::Generator>, at::IntArrayRef);
+using DropoutSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, std::optional<int64_t>, int64_t,
+                                                            std::optional<at::Generator>, at::IntArrayRef);
 using StateSignature = at::Tensor(const at::Tensor&, std::optional<int64_t>, int64_t, std::optional<at::Generator>,
                                   at::IntArrayRef);
 using ReplaySignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, at::IntArrayRef);

@@ -20,8 +20,8 @@ namespace fused_dropout {
 // dim d in the mask shape, or 0 for a shared dim, so an element's mask index is
 // sum(index[d] * strides[d]).
 struct MaskLayout {
-  int64_t numel = 0;     // elements in the mask shape
-  bool shared = false;   // true when some dim of size > 1 is shared
+  int64_t numel = 0;    // elements in the mask shape
+  bool shared = false;  // true when some dim of size > 1 is shared
   std::array<int64_t, kMaxDims> strides{};
 };
 
@@ -36,9 +36,8 @@ MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p,
 
 // All checks of dropout_state's arguments, which draws the state of an in-place call, so the
 // input must be a valid in-place target; returns the mask layout.
-MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed,
-                            int64_t offset, const std::optional<at::Generator>& generator,
-                            at::IntArrayRef shared_dims);
+MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed, int64_t offset,
+                            const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
 
 // All checks of dropout_replay's and dropout_replay_'s arguments; returns the mask layout.
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,

@@ -41,9 +41,8 @@ at::Tensor& replay_inplace_functionalize(at::Tensor& input, const at::Tensor& rn
   }
   impl::sync(input);
   const at::Tensor value = impl::from_functional_tensor(input);
-  static const auto replay = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("fused_dropout::dropout_replay", "")
-                                 .typed<ReplaySignature>();
+  static const auto replay =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fused_dropout::dropout_replay", "").typed<ReplaySignature>();
   at::Tensor replayed;
   {
     at::AutoDispatchSkipFunctionalize skip;

@@ -34,7 +34,8 @@ struct MergedLayout {
 };
 
 // `strides[k]` holds operand k's stride for each of the ndim dims of `sizes`.
-inline MergedLayout merge_dims(int64_t ndim, const int64_t* sizes, const std::array<const int64_t*, kOperands>& strides) {
+inline MergedLayout merge_dims(int64_t ndim, const int64_t* sizes,
+                               const std::array<const int64_t*, kOperands>& strides) {
   MergedLayout merged;
   for (int64_t d = 0; d < ndim; ++d) {
     if (sizes[d] == 1) continue;

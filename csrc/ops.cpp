@@ -15,42 +15,43 @@ namespace {
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() <= kMaxDims, op, ": input may have at most ", kMaxDims, " dims, got ", input.dim());
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              op, ": input must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": input must be float32, float64, float16 or bfloat16, got ", dtype);
 }
 
 void check_input_and_p(const char* op, const at::Tensor& input, double p) {
   check_input(op, input);
-  TORCH_CHECK_VALUE(!std::isnan(p) && p >= 0.0 && p <= 1.0,
-                    op, ": dropout probability has to be between 0 and 1, but got ", p);
+  TORCH_CHECK_VALUE(!std::isnan(p) && p >= 0.0 && p <= 1.0, op,
+                    ": dropout probability has to be between 0 and 1, but got ", p);
 }
 
 void check_randomness_args(const char* op, const std::optional<int64_t>& seed, int64_t offset,
                            const std::optional<at::Generator>& generator) {
-  TORCH_CHECK_VALUE(!(seed.has_value() && generator.has_value() && generator->defined()),
-                    op, ": pass either seed or generator, not both (got seed=", *seed, " and a generator)");
-  TORCH_CHECK_VALUE(seed.has_value() || offset == 0,
-                    op, ": offset is only used together with seed, but got offset=", offset, " and seed=None");
+  TORCH_CHECK_VALUE(!(seed.has_value() && generator.has_value() && generator->defined()), op,
+                    ": pass either seed or generator, not both (got seed=", *seed, " and a generator)");
+  TORCH_CHECK_VALUE(seed.has_value() || offset == 0, op,
+                    ": offset is only used together with seed, but got offset=", offset, " and seed=None");
 }
 
 void check_rng_state(const char* op, const at::Tensor& input, const at::Tensor& rng_state) {
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 && rng_state.numel() == 2,
-              op, ": rng_state must be an int64 tensor of shape [2] (seed, base), got ",
-              rng_state.scalar_type(), " of shape ", rng_state.sizes());
-  TORCH_CHECK(rng_state.device() == input.device(),
-              op, ": rng_state must be on the input's device ", input.device(), ", got ", rng_state.device());
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 && rng_state.numel() == 2, op,
+              ": rng_state must be an int64 tensor of shape [2] (seed, base), got ", rng_state.scalar_type(),
+              " of shape ", rng_state.sizes());
+  TORCH_CHECK(rng_state.device() == input.device(), op, ": rng_state must be on the input's device ", input.device(),
+              ", got ", rng_state.device());
 }
 
 void check_inplace_target(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(at::has_internal_overlap(input) != at::MemOverlap::Yes,
-              op, ": in-place dropout needs an input whose elements do not share memory "
-              "(e.g. not an expand()ed tensor), got strides ", input.strides());
+  TORCH_CHECK(at::has_internal_overlap(input) != at::MemOverlap::Yes, op,
+              ": in-place dropout needs an input whose elements do not share memory "
+              "(e.g. not an expand()ed tensor), got strides ",
+              input.strides());
 }
 
 void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
                             const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual must have the input's shape ", input.sizes(),
-              ", got ", residual.sizes());
+  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual must have the input's shape ", input.sizes(), ", got ",
+              residual.sizes());
   TORCH_CHECK(residual.scalar_type() == input.scalar_type(), op, ": residual must have the input's dtype ",
               input.scalar_type(), ", got ", residual.scalar_type());
   TORCH_CHECK(residual.device() == input.device(), op, ": residual must be on the input's device ", input.device(),
@@ -86,9 +87,8 @@ MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef 
   const int64_t ndim = input.dim();
   std::array<bool, kMaxDims> is_shared{};
   for (const int64_t dim : shared_dims) {
-    TORCH_CHECK_INDEX(ndim > 0 && dim >= -ndim && dim < ndim,
-                      op, ": shared_dims must name dims of the ", ndim, "-D input, in [", -ndim, ", ", ndim,
-                      "), got ", dim);
+    TORCH_CHECK_INDEX(ndim > 0 && dim >= -ndim && dim < ndim, op, ": shared_dims must name dims of the ", ndim,
+                      "-D input, in [", -ndim, ", ", ndim, "), got ", dim);
     const int64_t d = dim < 0 ? dim + ndim : dim;
     TORCH_CHECK_VALUE(!is_shared[d], op, ": shared_dims names dim ", d, " twice, got ", shared_dims);
     is_shared[d] = true;
@@ -115,9 +115,8 @@ MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p,
   return mask_layout(op, input, shared_dims);
 }
 
-MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed,
-                            int64_t offset, const std::optional<at::Generator>& generator,
-                            at::IntArrayRef shared_dims) {
+MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed, int64_t offset,
+                            const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims) {
   check_input(op, input);
   check_randomness_args(op, seed, offset, generator);
   check_inplace_target(op, input);
@@ -147,13 +146,12 @@ MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, co
   const int64_t* residual_strides = residual.defined() ? residual.strides().data() : input.strides().data();
   const std::array<const int64_t*, kOperands> strides = {input.strides().data(), output.strides().data(),
                                                          mask.strides.data(), residual_strides};
-  if (order == WalkOrder::kOutputMemory) return merge_dims_in_memory_order(input.dim(), input.sizes().data(), strides, kOut);
+  if (order == WalkOrder::kOutputMemory)
+    return merge_dims_in_memory_order(input.dim(), input.sizes().data(), strides, kOut);
   return merge_dims(input.dim(), input.sizes().data(), strides);
 }
 
-at::Tensor empty_output_like(const at::Tensor& input) {
-  return at::empty_like(input, at::MemoryFormat::Preserve);
-}
+at::Tensor empty_output_like(const at::Tensor& input) { return at::empty_like(input, at::MemoryFormat::Preserve); }
 
 }  // namespace fused_dropout
 
@@ -179,24 +177,27 @@ std::vector<at::Tag> inplace_tags() { return InplaceTag<at::Tag>::tags(); }
 // random ops are nondeterministic_seeded so that graph passes (CSE, dead-code merging)
 // never fold two calls into one.
 TORCH_LIBRARY(fused_dropout, m) {
-  m.def("dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None, "
-        "int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
-        {at::Tag::nondeterministic_seeded});
+  m.def(
+      "dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None, "
+      "int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
   // The backward of every form: input times the mask and scale that rng_state stands for.
   m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor");
   // In-place dropout is two steps: draw the state (the only random step), then apply its
   // mask in place. The in-place op returns its input, the schema torch's in-place fallbacks
   // (negative and conjugate views, functionalization) expect.
-  m.def("dropout_state(Tensor input, int? seed=None, int offset=0, Generator? generator=None, "
-        "int[] shared_dims=[]) -> Tensor",
-        {at::Tag::nondeterministic_seeded});
+  m.def(
+      "dropout_state(Tensor input, int? seed=None, int offset=0, Generator? generator=None, "
+      "int[] shared_dims=[]) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
   const std::vector<at::Tag> replay_inplace_tags = inplace_tags();
   m.def("dropout_replay_(Tensor(a!) input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor(a!)",
         replay_inplace_tags);
   // residual + dropout(input + bias) in one pass (bias broadcast over the last dim).
-  m.def("dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int? seed=None, int offset=0, "
-        "Generator? generator=None, int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
-        {at::Tag::nondeterministic_seeded});
+  m.def(
+      "dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int? seed=None, int offset=0, "
+      "Generator? generator=None, int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }
 

@@ -74,8 +74,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void philox4x32_10_rounds(Word& c0, Word& c1, 
 }
 
 // Philox4x32-10 of one full 128-bit counter.
-C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords philox4x32_10(
-    uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                                            uint32_t k0, uint32_t k1) {
   philox4x32_10_rounds<ScalarLanes>(c0, c1, c2, c3, k0, k1);
   return PhiloxWords{{c0, c1, c2, c3}};
 }
@@ -166,8 +166,6 @@ struct CachedGroup {
 };
 
 // Counter values one call consumes: one Philox block serves four mask elements.
-inline uint64_t counters_for(int64_t mask_numel) {
-  return (static_cast<uint64_t>(mask_numel) + 3) / 4;
-}
+inline uint64_t counters_for(int64_t mask_numel) { return (static_cast<uint64_t>(mask_numel) + 3) / 4; }
 
 }  // namespace fused_dropout

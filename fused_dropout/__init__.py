@@ -5,10 +5,10 @@ CUDA kernel; backward regenerates the mask from a 16-byte ``rng_state`` instead 
 it. The mask is a pure function of (seed, base, logical index, p), so the same seed gives
 the same mask on every device, dtype and memory layout.
 """
+
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C, ops
-from .ops import philox4x32_10
 from .functional import (
     drop_path_add,
     dropout,
@@ -28,6 +28,7 @@ from .modules import (
     FusedStochasticDepth,
     replace_dropout,
 )
+from .ops import philox4x32_10
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
 """Functional API, mirroring ``torch.nn.functional.dropout``."""
+
 import warnings
 from typing import Optional, Sequence, Union
 

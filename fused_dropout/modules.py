@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module``s, mirroring ``torch.nn.Dropout`` and its channel-wise variants."""
+
 import warnings
 from typing import List, Optional
 
@@ -172,8 +173,9 @@ _REPLACEMENTS = {
 def replace_dropout(model: nn.Module) -> nn.Module:
     """Swap every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d``, ``nn.Dropout3d`` and
     ``torchvision.ops.StochasticDepth`` in ``model`` (in place) for its fused counterpart with
-    the same ``p``, ``inplace`` or ``mode``, and training mode. Other dropout kinds (``AlphaDropout``, ``FeatureAlphaDropout``) and
-    subclasses of the torch modules are left alone, with a warning naming them.
+    the same ``p``, ``inplace`` or ``mode``, and training mode. Other dropout kinds
+    (``AlphaDropout``, ``FeatureAlphaDropout``) and subclasses of the torch modules are left
+    alone, with a warning naming them.
 
     Args:
         model (nn.Module): the model to change; a bare dropout module is replaced too.

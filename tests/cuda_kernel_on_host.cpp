@@ -166,7 +166,7 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   std::vector<T> out(span(c.sizes, c.out), T(7.0f)), want(out);
   const auto rule = OutputRule<T>::for_p(0.4);
   const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
-  const Operands<T> ops{in.data(), kAdd ? res.data() : nullptr, kAdd ? bias.data() : nullptr, out.data(), numel,
+  const Operands<T> ops{in.data(),     kAdd ? res.data() : nullptr, kAdd ? bias.data() : nullptr, out.data(), numel,
                         c.sizes.back()};
   // As dropout_cuda.cu launches it: in the output's memory order unless a bias needs the
   // logical index (here every dropout_add case has a bias), with 32- or 64-bit index math.
@@ -201,8 +201,8 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
                             : rule(in[in_offset], word);
   }
   if (std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0) return true;
-  std::printf("differs: strided kernel, %zu-byte type, %s, add=%d (merged into %lld dims)\n", sizeof(T),
-              c.name.c_str(), kAdd, static_cast<long long>(layout.ndim));
+  std::printf("differs: strided kernel, %zu-byte type, %s, add=%d (merged into %lld dims)\n", sizeof(T), c.name.c_str(),
+              kAdd, static_cast<long long>(layout.ndim));
   return false;
 }
 

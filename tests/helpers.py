@@ -1,4 +1,5 @@
 """Parameters and inputs shared by the tests."""
+
 import math
 
 import pytest
@@ -31,8 +32,20 @@ def with_special_values(x: torch.Tensor) -> torch.Tensor:
     full and partial steps."""
     info = torch.finfo(x.dtype)
     specials = torch.tensor(
-        [math.nan, math.inf, -math.inf, -0.0, 0.0, info.max, -info.max, info.tiny, info.smallest_normal / 8,
-         -info.tiny, 1.0 + info.eps / 2, 1.0 + 3 * info.eps / 2],
+        [
+            math.nan,
+            math.inf,
+            -math.inf,
+            -0.0,
+            0.0,
+            info.max,
+            -info.max,
+            info.tiny,
+            info.smallest_normal / 8,
+            -info.tiny,
+            1.0 + info.eps / 2,
+            1.0 + 3 * info.eps / 2,
+        ],
         dtype=torch.float64,
     ).to(x.dtype)
     flat = x.view(-1)

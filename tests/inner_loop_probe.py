@@ -3,6 +3,7 @@
 test_mask.py runs it in fresh processes, since the CPU kernel picks its inner loops once per
 process:  python inner_loop_probe.py DTYPE OP OUT_FILE
 """
+
 import sys
 
 import torch

@@ -6,6 +6,7 @@
 
 Every kernel is compared with it bit for bit.
 """
+
 import numpy as np
 import torch
 

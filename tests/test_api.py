@@ -1,4 +1,5 @@
 """The public surface: nn.Dropout compatibility, errors, registered ops, torch.compile."""
+
 import math
 import re
 
@@ -9,6 +10,7 @@ from torch import nn
 
 import fused_dropout
 from fused_dropout import FusedDropout, ops
+
 from helpers import DEVICES, assert_bitwise_equal, random_input
 
 P_MESSAGE = "dropout probability has to be between 0 and 1, but got {}"
@@ -30,9 +32,9 @@ def test_bad_p_raises_torch_message(p):
         torch.ops.fused_dropout.dropout(x, p)  # the op checks too
 
 
-
-@pytest.mark.parametrize("p,error", [("0.5", TypeError), (None, TypeError), (-1, ValueError), (2, ValueError),
-                                     (math.nan, ValueError)])
+@pytest.mark.parametrize(
+    "p,error", [("0.5", TypeError), (None, TypeError), (-1, ValueError), (2, ValueError), (math.nan, ValueError)]
+)
 def test_p_of_another_type_gets_the_full_check(p, error):
     # The common call (a float p in range) skips the slow checks; every other p is checked,
     # and refused with torch's error type (and words, for a value out of range).
@@ -60,8 +62,13 @@ def test_nan_p_is_a_value_error():
 
 @pytest.mark.parametrize(
     "dtype,name",
-    [(torch.int64, "Long"), (torch.int32, "Int"), (torch.bool, "Bool"), (torch.complex64, "ComplexFloat"),
-     (torch.uint8, "Byte")],
+    [
+        (torch.int64, "Long"),
+        (torch.int32, "Int"),
+        (torch.bool, "Bool"),
+        (torch.complex64, "ComplexFloat"),
+        (torch.uint8, "Byte"),
+    ],
 )
 def test_unsupported_dtype_is_named(dtype, name):
     x = torch.ones(4, dtype=dtype)
@@ -109,7 +116,9 @@ def test_too_many_dims_is_refused():
 
 def test_bad_rng_state_is_refused():
     x = torch.randn(4)
-    with pytest.raises(RuntimeError, match=r"rng_state must be an int64 tensor of shape \[2\] \(seed, base\), got Int of shape \[2\]"):
+    with pytest.raises(
+        RuntimeError, match=r"rng_state must be an int64 tensor of shape \[2\] \(seed, base\), got Int of shape \[2\]"
+    ):
         ops.dropout_replay(x, torch.zeros(2, dtype=torch.int32), 0.5)
     with pytest.raises(RuntimeError, match=r"got Long of shape \[3\]"):
         ops.dropout_replay(x, torch.zeros(3, dtype=torch.int64), 0.5)

@@ -1,9 +1,11 @@
 """Backward regenerates the forward's mask from rng_state; nothing else is saved."""
+
 import pytest
 import torch
 
 import fused_dropout
 from fused_dropout import ops
+
 from helpers import DEVICES, DTYPES, random_input, saved_bytes
 
 

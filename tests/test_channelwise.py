@@ -1,4 +1,5 @@
 """Masks shared over dims: channel-wise dropout (CNNs) and dropout locked over time (RNNs)."""
+
 import warnings
 
 import pytest
@@ -6,18 +7,19 @@ import torch
 from torch import nn
 
 import fused_dropout
-import reference
 from fused_dropout import FusedDropout1d, FusedDropout2d, FusedDropout3d
+
+import reference
 from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
 
 CASES = [
-    ((4, 6, 5, 7), (2, 3)),      # dropout2d: (N, C, H, W)
+    ((4, 6, 5, 7), (2, 3)),  # dropout2d: (N, C, H, W)
     ((3, 5, 2, 3, 4), (2, 3, 4)),  # dropout3d
-    ((9, 4, 33), (0,)),          # locked over time: (T, B, H)
-    ((9, 4, 33), (-3,)),         # the same, counted from the end
-    ((2, 3, 4), (0, 2)),         # two non-adjacent shared dims
-    ((5, 1, 7), (1,)),           # sharing a size-1 dim changes nothing
-    ((6, 0, 3), (2,)),           # empty
+    ((9, 4, 33), (0,)),  # locked over time: (T, B, H)
+    ((9, 4, 33), (-3,)),  # the same, counted from the end
+    ((2, 3, 4), (0, 2)),  # two non-adjacent shared dims
+    ((5, 1, 7), (1,)),  # sharing a size-1 dim changes nothing
+    ((6, 0, 3), (2,)),  # empty
 ]
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_dropout
+
 import reference
 from helpers import DEVICES, assert_bitwise_equal, random_input
 
@@ -255,8 +256,14 @@ def test_vmap_of_inplace_and_dropout_add(randomness):
 @pytest.mark.parametrize("training,p", [(True, 0.5), (False, 0.5), (True, 0.0)])
 @pytest.mark.parametrize(
     "residual_shape,bias_shape,dtype",
-    [((5,), None, None), ((1, 5), None, None), ((3, 4, 5), None, None), ((4, 5), None, torch.float64),
-     ((4, 5), (1, 5), None), ((4, 5), (5,), torch.float64)],
+    [
+        ((5,), None, None),
+        ((1, 5), None, None),
+        ((3, 4, 5), None, None),
+        ((4, 5), None, torch.float64),
+        ((4, 5), (1, 5), None),
+        ((4, 5), (5,), torch.float64),
+    ],
 )
 def test_dropout_add_checks_its_arguments_in_every_mode(training, p, residual_shape, bias_shape, dtype):
     x = random_input((4, 5), torch.float32)
@@ -277,8 +284,14 @@ def test_p_is_accepted_as_torch_accepts_it(p):
 
 @pytest.mark.parametrize(
     "p,error",
-    [(1.5, ValueError), (-0.1, ValueError), (float("nan"), ValueError), (torch.tensor(2.0), ValueError),
-     ("a", TypeError), (torch.tensor([0.5, 0.5]), RuntimeError)],
+    [
+        (1.5, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        (torch.tensor(2.0), ValueError),
+        ("a", TypeError),
+        (torch.tensor([0.5, 0.5]), RuntimeError),
+    ],
 )
 def test_p_is_refused_as_torch_refuses_it(p, error):
     if not (isinstance(p, float) and p != p):  # torch lets NaN through to its kernel; it is refused here
@@ -290,10 +303,14 @@ def test_p_is_refused_as_torch_refuses_it(p, error):
         fused_dropout.FusedDropout(p)
 
 
-@pytest.mark.parametrize("fn,torch_fn,shape", [
-    (fused_dropout.dropout2d, F.dropout2d, ()), (fused_dropout.dropout2d, F.dropout2d, (4,)),
-    (fused_dropout.dropout3d, F.dropout3d, ()),
-])
+@pytest.mark.parametrize(
+    "fn,torch_fn,shape",
+    [
+        (fused_dropout.dropout2d, F.dropout2d, ()),
+        (fused_dropout.dropout2d, F.dropout2d, (4,)),
+        (fused_dropout.dropout3d, F.dropout3d, ()),
+    ],
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_feature_dropout_needs_two_dims(fn, torch_fn, shape, training):
     with warnings.catch_warnings():
@@ -304,10 +321,15 @@ def test_feature_dropout_needs_two_dims(fn, torch_fn, shape, training):
             fn(torch.ones(shape), 0.5, training)
 
 
-@pytest.mark.parametrize("fn,torch_fn,ndim", [
-    (fused_dropout.dropout2d, F.dropout2d, 2), (fused_dropout.dropout2d, F.dropout2d, 5),
-    (fused_dropout.dropout3d, F.dropout3d, 1), (fused_dropout.dropout3d, F.dropout3d, 3),
-])
+@pytest.mark.parametrize(
+    "fn,torch_fn,ndim",
+    [
+        (fused_dropout.dropout2d, F.dropout2d, 2),
+        (fused_dropout.dropout2d, F.dropout2d, 5),
+        (fused_dropout.dropout3d, F.dropout3d, 1),
+        (fused_dropout.dropout3d, F.dropout3d, 3),
+    ],
+)
 def test_feature_dropout_warns_and_shares_as_torch(fn, torch_fn, ndim):
     # Thousands of elements: a dim torch does not share is never constant by chance.
     x = torch.ones((round(4096 ** (1 / ndim)),) * ndim)
@@ -330,8 +352,12 @@ def test_feature_dropout_warns_and_shares_as_torch(fn, torch_fn, ndim):
 
 def test_modules_script():
     model = nn.Sequential(
-        nn.Linear(8, 16), fused_dropout.FusedDropout(0.5), nn.Unflatten(1, (4, 2, 2)),
-        fused_dropout.FusedDropout2d(0.5), fused_dropout.FusedDropout(0.5, inplace=True), nn.Flatten(),
+        nn.Linear(8, 16),
+        fused_dropout.FusedDropout(0.5),
+        nn.Unflatten(1, (4, 2, 2)),
+        fused_dropout.FusedDropout2d(0.5),
+        fused_dropout.FusedDropout(0.5, inplace=True),
+        nn.Flatten(),
     )
     scripted = torch.jit.script(model)
     x = random_input((3, 8), torch.float32)

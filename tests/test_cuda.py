@@ -1,8 +1,10 @@
 """CUDA-only behaviour: graph capture and 64-bit indexing."""
+
 import pytest
 import torch
 
 import fused_dropout
+
 import reference
 from helpers import DTYPES, assert_bitwise_equal, random_input
 
@@ -79,5 +81,6 @@ def test_more_than_two_to_the_31_elements(dtype):
         assert stop <= numel and got.numel() == 10_000
         wrong = (got != torch.from_numpy(reference.keep_range(start, stop, 0.5, 77))).nonzero().flatten()
         assert wrong.numel() == 0, (
-            f"elements [{start}, {stop}): {wrong.numel()} masks differ from the rule, first at {(wrong[:8] + start).tolist()}"
+            f"elements [{start}, {stop}): {wrong.numel()} masks differ from the rule, "
+            f"first at {(wrong[:8] + start).tolist()}"
         )

@@ -1,5 +1,6 @@
 """The CUDA kernels' source, run on the CPU by tests/cuda_kernel_on_host.cpp: their indexing
 is checked against the mask rule in every CI run, not only on a GPU machine."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,9 +17,18 @@ def test_cuda_kernel_source_follows_the_rule(tmp_path):
         pytest.skip("no C++ compiler on PATH")
     binary = tmp_path / "cuda_kernel_on_host"
     build = subprocess.run(
-        [compiler, "-O1", "-std=c++20", f"-I{ROOT / 'csrc'}", *(f"-I{p}" for p in include_paths()),
-         str(ROOT / "tests" / "cuda_kernel_on_host.cpp"), "-o", str(binary)],
-        capture_output=True, text=True,
+        [
+            compiler,
+            "-O1",
+            "-std=c++20",
+            f"-I{ROOT / 'csrc'}",
+            *(f"-I{p}" for p in include_paths()),
+            str(ROOT / "tests" / "cuda_kernel_on_host.cpp"),
+            "-o",
+            str(binary),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)

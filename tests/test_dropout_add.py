@@ -1,11 +1,13 @@
 """dropout_add: residual + dropout(input + bias) in one pass, equal to the unfused ops."""
+
 import pytest
 import torch
 from torch import nn
 
 import fused_dropout
-import reference
 from fused_dropout import FusedDropout, FusedDropoutAdd
+
+import reference
 from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input, saved_bytes
 
 
@@ -108,7 +110,9 @@ def test_mismatches_are_refused():
         fused_dropout.dropout_add(x, torch.randn(4, 3))
     with pytest.raises(RuntimeError, match=r"residual must have the input's dtype Float, got Double"):
         fused_dropout.dropout_add(x, torch.randn(3, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"bias must be 1-D with the size of the input's last dim \(4\), got shape \[3\]"):
+    with pytest.raises(
+        RuntimeError, match=r"bias must be 1-D with the size of the input's last dim \(4\), got shape \[3\]"
+    ):
         fused_dropout.dropout_add(x, x, bias=torch.randn(3))
     with pytest.raises(RuntimeError, match=r"bias must have the input's dtype Float, got Half"):
         fused_dropout.dropout_add(x, x, bias=torch.randn(4, dtype=torch.half))

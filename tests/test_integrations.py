@@ -1,7 +1,7 @@
 """FusedDropout inside the machinery people train with: replace_dropout on real torchvision
 models, activation checkpointing, torch.export, autocast and DistributedDataParallel."""
+
 import os
-import warnings
 
 import pytest
 import torch
@@ -12,8 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_dropout
 from fused_dropout import FusedDropout, FusedDropout2d, replace_dropout
-from helpers import DEVICES, random_input, free_port
 
+from helpers import DEVICES, free_port, random_input
 
 FUSED_TYPES = (FusedDropout, fused_dropout.FusedDropout1d, FusedDropout2d, fused_dropout.FusedDropout3d)
 
@@ -48,8 +48,9 @@ def test_replace_dropout_on_torchvision_models(name):
 
 
 def test_replace_dropout_keeps_training_mode_and_warns_about_the_rest():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2, inplace=True), nn.AlphaDropout(0.1),
-                          nn.Sequential(nn.Dropout2d(0.3)))
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Dropout(0.2, inplace=True), nn.AlphaDropout(0.1), nn.Sequential(nn.Dropout2d(0.3))
+    )
     model[3].eval()
     with pytest.warns(UserWarning, match=r"left these modules unchanged.*2 \(AlphaDropout\)"):
         replace_dropout(model)
@@ -137,8 +138,13 @@ def _ddp_worker(rank, world, port, results):
         optimizer.step()
         losses.append(loss.item())
     grad = model[0].weight.grad.clone()
-    results[rank] = {"mask": mask, "grad": grad, "first": losses[0], "last": losses[-1],
-                     "weight": model[0].weight.detach().clone()}
+    results[rank] = {
+        "mask": mask,
+        "grad": grad,
+        "first": losses[0],
+        "last": losses[-1],
+        "weight": model[0].weight.detach().clone(),
+    }
     dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
 """Every kernel against the NumPy reference of the mask rule, bit for bit."""
+
 import math
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import fused_dropout
+
 import reference
 from helpers import (
     DEVICES,
@@ -99,7 +101,7 @@ def long_run_layouts(dtype, device):
     image = random_input((4, 48, 30, 40), dtype, device, seed=5)
     return {
         "channels_last": (image.contiguous(memory_format=torch.channels_last), ()),
-        "dropout2d": (image, (2, 3)),                                              # one word per run
+        "dropout2d": (image, (2, 3)),  # one word per run
         "dropout2d_channels_last": (image.contiguous(memory_format=torch.channels_last), (2, 3)),
         "locked_over_time": (random_input((20, 8, 1500), dtype, device, seed=6), (0,)),
         "transposed": (random_input((3000, 70), dtype, device, seed=7).t(), ()),

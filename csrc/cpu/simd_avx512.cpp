@@ -28,9 +28,7 @@ struct Avx512Word {
   __m512i v;
 };
 
-inline Avx512Word operator^(Avx512Word a, Avx512Word b) {
-  return {_mm512_xor_si512(a.v, b.v)};
-}
+inline Avx512Word operator^(Avx512Word a, Avx512Word b) { return {_mm512_xor_si512(a.v, b.v)}; }
 inline Avx512Word operator^(Avx512Word a, uint32_t k) {
   return {_mm512_xor_si512(a.v, _mm512_set1_epi32(static_cast<int>(k)))};
 }
@@ -39,8 +37,8 @@ struct Avx512Lanes {
   using word = Avx512Word;
   static inline void mul_hi_lo(uint32_t m, Avx512Word a, Avx512Word& hi, Avx512Word& lo) {
     const __m512i mv = _mm512_set1_epi32(static_cast<int>(m));
-    const __m512i even = _mm512_mul_epu32(a.v, mv);                         // lanes 0, 2, ...: 64-bit products
-    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mv);   // lanes 1, 3, ...
+    const __m512i even = _mm512_mul_epu32(a.v, mv);                        // lanes 0, 2, ...: 64-bit products
+    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mv);  // lanes 1, 3, ...
     constexpr __mmask16 kOddLanes = 0xAAAA;
     lo.v = _mm512_mask_blend_epi32(kOddLanes, even, _mm512_slli_epi64(odd, 32));
     hi.v = _mm512_mask_blend_epi32(kOddLanes, _mm512_srli_epi64(even, 32), odd);
@@ -102,9 +100,7 @@ struct HalfLanes {
 
 struct BFloat16Lanes {
   // bfloat16 is the upper half of a float32.
-  static __m512 widen(__m256i bits) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-  }
+  static __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
   // c10's round-to-nearest-even: add 0x7FFF plus the lowest bit that stays, keep the upper
   // half; every NaN becomes 0x7FC0.
   static __m256i narrow(__m512 v) {
@@ -137,8 +133,8 @@ inline __m512 dropout_lanes(__m512 x, const uint32_t* words, const MaskedScale<f
 // be null); the last partial 16 runs on zero-padded copies, so every element takes the same
 // vector path.
 template <typename Lanes16>
-inline void for_each_16(const uint16_t* x, const uint16_t* residual, const uint32_t* words, uint16_t* y,
-                        int64_t count, Lanes16 lanes) {
+inline void for_each_16(const uint16_t* x, const uint16_t* residual, const uint32_t* words, uint16_t* y, int64_t count,
+                        Lanes16 lanes) {
   int64_t i = 0;
   for (; i + kLanes <= count; i += kLanes) {
     lanes(i, x + i, residual != nullptr ? residual + i : nullptr, words + i, y + i);

@@ -7,12 +7,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 
 #include "../dropout.h"
 #include "kernels.cuh"
@@ -78,11 +78,12 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
   const Operands<scalar_t> ops{input.const_data_ptr<scalar_t>(),
                                kAdd ? residual.const_data_ptr<scalar_t>() : nullptr,
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                               output.mutable_data_ptr<scalar_t>(), input.numel(),
+                               output.mutable_data_ptr<scalar_t>(),
+                               input.numel(),
                                input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool row_major = !mask.shared && input.is_contiguous() && output.is_contiguous() &&
-                         (!kAdd || residual.is_contiguous());
+  const bool row_major =
+      !mask.shared && input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous());
   if (row_major) {
     constexpr int kStep = step_elems<scalar_t>();
     constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
@@ -125,9 +126,7 @@ at::PhiloxCudaState reserve_state(const at::Tensor& input, const MaskLayout& mas
   return gen->philox_cuda_state(counters_for(mask.numel));
 }
 
-at::Tensor new_state_tensor(const at::Tensor& input) {
-  return at::empty({2}, input.options().dtype(at::kLong));
-}
+at::Tensor new_state_tensor(const at::Tensor& input) { return at::empty({2}, input.options().dtype(at::kLong)); }
 
 std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                 int64_t offset, std::optional<at::Generator> generator,
@@ -137,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  dispatch_launch(input, output, mask, StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state),
-                  p);
+  dispatch_launch(input, output, mask,
+                  StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p);
   return {output, rng_state};
 }
 
@@ -201,10 +200,10 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
 __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const PhiloxWords w = philox4x32_10(
-      static_cast<uint32_t>(counter[4 * row]), static_cast<uint32_t>(counter[4 * row + 1]),
-      static_cast<uint32_t>(counter[4 * row + 2]), static_cast<uint32_t>(counter[4 * row + 3]),
-      static_cast<uint32_t>(key[2 * row]), static_cast<uint32_t>(key[2 * row + 1]));
+  const PhiloxWords w =
+      philox4x32_10(static_cast<uint32_t>(counter[4 * row]), static_cast<uint32_t>(counter[4 * row + 1]),
+                    static_cast<uint32_t>(counter[4 * row + 2]), static_cast<uint32_t>(counter[4 * row + 3]),
+                    static_cast<uint32_t>(key[2 * row]), static_cast<uint32_t>(key[2 * row + 1]));
 #pragma unroll
   for (int j = 0; j < 4; ++j) out[4 * row + j] = static_cast<int64_t>(w.w[j]);
 }

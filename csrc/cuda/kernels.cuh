@@ -36,7 +36,7 @@ struct Operands {
   const scalar_t* bias;  // kAdd only; may be null
   scalar_t* out;
   int64_t numel;
-  int64_t last_size;     // size of the last dim, where the bias runs
+  int64_t last_size;  // size of the last dim, where the bias runs
 };
 
 // One step of the row-major kernel: the kStep elements from `first` on, where the logical
@@ -96,8 +96,8 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 // rounds, which then run while the load is in flight (benchmarks/NOTES.md has the SASS
 // reading that motivated it).
 template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, typename StateSource>
-__global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src,
-                                                              OutputRule<scalar_t> rule) {
+__global__ void __launch_bounds__(kThreads)
+    contiguous_kernel(Operands<scalar_t> ops, StateSource src, OutputRule<scalar_t> rule) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
@@ -138,8 +138,8 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
 // output's memory order where the caller needs no logical index (no bias), else in logical
 // order, where the bias column is the logical index modulo the last dim's size.
 template <typename scalar_t, bool kAdd, typename index_t, typename StateSource>
-__global__ void __launch_bounds__(kThreads) strided_kernel(Operands<scalar_t> ops, MergedLayout layout,
-                                                           StateSource src, OutputRule<scalar_t> rule) {
+__global__ void __launch_bounds__(kThreads)
+    strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, OutputRule<scalar_t> rule) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;

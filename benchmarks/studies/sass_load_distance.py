@@ -7,6 +7,7 @@ kernel that wants its Philox rounds to hide the load's latency needs that distan
 
 cuobjdump comes from the CUDA toolkit (CUDA_HOME, /usr/local/cuda) or triton's copy.
 """
+
 import argparse
 import glob
 import os
@@ -71,21 +72,26 @@ def main():
     so = args.so or (glob.glob("fused_dropout/_C*.so") or [None])[0]
     if so is None:
         sys.exit("no fused_dropout/_C*.so: build the extension first, or pass --so")
-    sass = subprocess.run([find_cuobjdump(), "-sass", "-arch", args.arch, so], check=True, capture_output=True,
-                          text=True).stdout
+    sass = subprocess.run(
+        [find_cuobjdump(), "-sass", "-arch", args.arch, so], check=True, capture_output=True, text=True
+    ).stdout
     rows = []
     for function in re.split(r"\n\s*Function : ", sass)[1:]:
         name = function.split("\n", 1)[0]
         if not re.search(args.kernel, name):
             continue
-        instructions = [re.sub(r"^/\*[0-9a-f]+\*/\s*|\s*/\* 0x[0-9a-f]+ \*/", "", line.strip())
-                        for line in function.split("\n") if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+        instructions = [
+            re.sub(r"^/\*[0-9a-f]+\*/\s*|\s*/\* 0x[0-9a-f]+ \*/", "", line.strip())
+            for line in function.split("\n")
+            if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)
+        ]
         distances = load_distances(instructions)
         if distances:
             rows.append((name, len(instructions), ", ".join(f"+{d}" for _, d in distances)))
     print("kernel (scalar, aligned, add, bias)                  instructions  load -> first use")
     for readable, (_, count, shown) in zip(demangle([r[0] for r in rows]), rows):
         print(f"{readable[:52]:52s} {count:12d}  {shown}")
+
 
 if __name__ == "__main__":
     main()

@@ -25,17 +25,17 @@
 
 #include "philox.h"
 
-#define CHECK_CUDA(call)                                                                       \
-  do {                                                                                         \
-    const cudaError_t err_ = (call);                                                           \
-    if (err_ != cudaSuccess) {                                                                 \
+#define CHECK_CUDA(call)                                                                            \
+  do {                                                                                              \
+    const cudaError_t err_ = (call);                                                                \
+    if (err_ != cudaSuccess) {                                                                      \
       std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
+      std::exit(1);                                                                                 \
+    }                                                                                               \
   } while (0)
 
-using fused_dropout::MaskedScale;
 using fused_dropout::mask_words;
+using fused_dropout::MaskedScale;
 using fused_dropout::PhiloxWords;
 
 template <typename T>
@@ -53,8 +53,8 @@ struct alignas(16) Vec {
 // each of its loads is coalesced across the warp, and all kUnroll loads are issued before
 // any Philox work. numel is a multiple of the tile here, so there is no tail.
 template <typename T, int kThreads, int kUnroll, bool kPersistent, bool kDropout>
-__global__ void __launch_bounds__(kThreads) tile_kernel(const T* in, T* out, int64_t numel, uint64_t seed,
-                                                        uint64_t base, Rule<T> rule) {
+__global__ void __launch_bounds__(kThreads)
+    tile_kernel(const T* in, T* out, int64_t numel, uint64_t seed, uint64_t base, Rule<T> rule) {
   constexpr int kStep = kStepElems<T>;
   const int64_t tiles = numel / (int64_t{kStep} * kThreads * kUnroll);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += kPersistent ? gridDim.x : tiles) {
@@ -107,23 +107,28 @@ Variant make_variant() {
   auto kernel = tile_kernel<T, kThreads, kUnroll, kPersistent, kDropout>;
   std::string name = std::string(kDropout ? "dropout" : "copy-kernel") + " t" + std::to_string(kThreads) + " u" +
                      std::to_string(kUnroll) + (kPersistent ? " persistent" : " one-shot");
-  return Variant{name, kThreads, kUnroll, kPersistent, kDropout, reinterpret_cast<const void*>(kernel),
-                 [](int grid, const void* in, void* out, int64_t numel, uint64_t seed, uint64_t base, const void* rule) {
-                   tile_kernel<T, kThreads, kUnroll, kPersistent, kDropout><<<grid, kThreads>>>(
-                       static_cast<const T*>(in), static_cast<T*>(out), numel, seed, base,
-                       *static_cast<const Rule<T>*>(rule));
-                 }};
+  return Variant{
+      name,
+      kThreads,
+      kUnroll,
+      kPersistent,
+      kDropout,
+      reinterpret_cast<const void*>(kernel),
+      [](int grid, const void* in, void* out, int64_t numel, uint64_t seed, uint64_t base, const void* rule) {
+        tile_kernel<T, kThreads, kUnroll, kPersistent, kDropout><<<grid, kThreads>>>(
+            static_cast<const T*>(in), static_cast<T*>(out), numel, seed, base, *static_cast<const Rule<T>*>(rule));
+      }};
 }
 
 template <typename T>
 std::vector<Variant> variants() {
   return {
-      make_variant<T, 256, 1, true, true>(),    // the shape of the library's kernel today
-      make_variant<T, 256, 2, true, true>(),  make_variant<T, 256, 4, true, true>(),
-      make_variant<T, 256, 1, false, true>(), make_variant<T, 256, 2, false, true>(),
-      make_variant<T, 256, 4, false, true>(), make_variant<T, 128, 4, false, true>(),
-      make_variant<T, 512, 2, true, true>(),
-      make_variant<T, 256, 1, true, false>(), make_variant<T, 256, 4, false, false>(),
+      make_variant<T, 256, 1, true, true>(),  // the shape of the library's kernel today
+      make_variant<T, 256, 2, true, true>(),   make_variant<T, 256, 4, true, true>(),
+      make_variant<T, 256, 1, false, true>(),  make_variant<T, 256, 2, false, true>(),
+      make_variant<T, 256, 4, false, true>(),  make_variant<T, 128, 4, false, true>(),
+      make_variant<T, 512, 2, true, true>(),   make_variant<T, 256, 1, true, false>(),
+      make_variant<T, 256, 4, false, false>(),
   };
 }
 
@@ -180,9 +185,8 @@ void run_dtype(const char* dtype, int log2n, FILE* csv, const cudaDeviceProp& pr
   sample.push_back(0);
   sample.push_back(numel - 1);
 
-  const float memcpy_ms = time_ms([&](int i) {
-    CHECK_CUDA(cudaMemcpyAsync(out[i & 1], in[i & 1], bytes, cudaMemcpyDeviceToDevice));
-  });
+  const float memcpy_ms =
+      time_ms([&](int i) { CHECK_CUDA(cudaMemcpyAsync(out[i & 1], in[i & 1], bytes, cudaMemcpyDeviceToDevice)); });
   const double memcpy_gbps = 2.0 * bytes / memcpy_ms / 1e6;
   std::printf("%-9s 2^%-3d %-34s %8.4f ms %7.0f GB/s %5.0f%%\n", dtype, log2n, "cudaMemcpy D2D", memcpy_ms, memcpy_gbps,
               100.0);
