@@ -1,11 +1,12 @@
 // Autograd of the ops, in C++ so that a training step pays no Python per call.
 //
-// Reverse mode: the forward saves only rng_state (16 bytes), and backward replays the same
-// mask from it with dropout_replay, whose own gradient is dropout_replay again (so double
-// backward works).
-// Forward mode: every op here is linear in its tensor inputs once the mask is fixed, so an
-// output's tangent is the same replay applied to the input's tangent. It is set at level 0,
-// as torch's generated kernels do; torch.func.jvp and forward_ad map their levels onto it.
+// Reverse mode: the forward saves rng_state (16 bytes), and backward replays the same mask
+// from it with dropout_replay, whose own gradient is dropout_replay again (so double
+// backward works). act_dropout also saves its input, which the activation's derivative needs.
+// Forward mode: every op is linear in its tensor inputs once the mask is fixed (act_dropout:
+// once the point is), so an output's tangent is its backward applied to the input's tangent.
+// It is set at level 0, as torch's generated kernels do; torch.func.jvp and forward_ad map
+// their levels onto it.
 // In place: under autograd, dropout_replay_ is recorded as the out-of-place replay copied
 // into the input, so that torch's copy_ brings the in-place rules: the leaf and view checks
 // before any write, views rebased onto their base, the version bump and the tangent carried
@@ -13,26 +14,38 @@
 #include <type_traits>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include "dropout.h"
+
 namespace fused_dropout {
 namespace {
 
+using torch::autograd::Node;
 using torch::autograd::variable_list;
+using NodePtr = decltype(torch::autograd::Edge::function);  // intrusive_ptr or shared_ptr, by torch release
 
-using DropoutSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, std::optional<int64_t>, int64_t,
-                                                            std::optional<at::Generator>, at::IntArrayRef);
+using RandomSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, std::optional<int64_t>, int64_t,
+                                                           std::optional<at::Generator>, at::IntArrayRef);
 using StateSignature = at::Tensor(const at::Tensor&, std::optional<int64_t>, int64_t, std::optional<at::Generator>,
                                   at::IntArrayRef);
-using ReplaySignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, at::IntArrayRef);
+using ReplaySignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, at::IntArrayRef,
+                                   std::optional<double>);
 using ReplayInplaceSignature = at::Tensor&(at::Tensor&, const at::Tensor&, double, at::IntArrayRef);
 using DropoutAddSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                const std::optional<at::Tensor>&, double,
                                                                std::optional<int64_t>, int64_t,
                                                                std::optional<at::Generator>, at::IntArrayRef);
+using ActDropoutSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                               double, c10::string_view, std::optional<int64_t>,
+                                                               int64_t, std::optional<at::Generator>, at::IntArrayRef);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
@@ -56,44 +69,70 @@ bool needs_grad(std::initializer_list<const at::Tensor*> tensors) {
 // The forward-mode tangent of t, or an undefined tensor.
 at::Tensor tangent_of(const at::Tensor* t) { return defined(t) ? t->_fw_grad(kTangentLevel) : at::Tensor(); }
 
+// t without its tangent, where a tangent's own computation needs t's value.
+at::Tensor primal_of(const at::Tensor& t) {
+  return t.defined() && t._fw_grad(kTangentLevel).defined() ? t._fw_primal(kTangentLevel) : t;
+}
+
+void set_tangent(const at::Tensor& output, const at::Tensor& tangent) {
+  if (tangent.defined()) output._set_fw_grad(tangent, kTangentLevel, /*is_inplace_op=*/false);
+}
+
+// The sum of the defined tensors among `parts` (a tangent's pieces), or undefined.
+at::Tensor sum_defined(std::initializer_list<at::Tensor> parts, const at::Tensor& shape_of) {
+  at::Tensor total;
+  for (const at::Tensor& part : parts) {
+    if (part.defined()) total = total.defined() ? total.add(part) : part.expand_as(shape_of);
+  }
+  return total;
+}
+
 // Through the dispatcher, so that the replay is itself differentiable under create_graph.
-at::Tensor replay(const at::Tensor& grad, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims) {
+at::Tensor replay(const at::Tensor& grad, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
+                  std::optional<double> scale = std::nullopt) {
   static const auto op = op_handle<ReplaySignature>("fused_dropout::dropout_replay");
-  return op.call(grad, rng_state, p, shared_dims);
+  return op.call(grad, rng_state, p, shared_dims, scale);
 }
 
-// The forward ops below the autograd key: the kernels themselves.
-std::tuple<at::Tensor, at::Tensor> dropout_below_autograd(const at::Tensor& input, double p,
-                                                          std::optional<int64_t> seed, int64_t offset,
-                                                          std::optional<at::Generator> generator,
-                                                          at::IntArrayRef shared_dims) {
-  static const auto op = op_handle<DropoutSignature>("fused_dropout::dropout");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, p, seed, offset, std::move(generator), shared_dims);
+// The activation's backward at `pre` (= input + bias), torch's own ops: grad * act'(pre).
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, Activation act) {
+  switch (act) {
+    case Activation::kReLU:
+      return at::threshold_backward(grad, pre, 0);
+    case Activation::kGelu:
+      return at::gelu_backward(grad, pre, "none");
+    case Activation::kGeluTanh:
+      return at::gelu_backward(grad, pre, "tanh");
+    case Activation::kSiLU: {
+      // silu'(x) = s (1 + x (1 - s)), s = sigmoid(x), from differentiable ops: torch's
+      // silu_backward has no derivative of its own.
+      const at::Tensor s = at::sigmoid(pre);
+      return grad.mul(s.mul(pre.mul(s.neg().add(1)).add(1)));
+    }
+    case Activation::kSquaredReLU:
+      return grad.mul(at::relu(pre)).mul(2);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
 }
 
-std::tuple<at::Tensor, at::Tensor> dropout_add_below_autograd(const at::Tensor& input, const at::Tensor& residual,
-                                                              const std::optional<at::Tensor>& bias, double p,
-                                                              std::optional<int64_t> seed, int64_t offset,
-                                                              std::optional<at::Generator> generator,
-                                                              at::IntArrayRef shared_dims) {
-  static const auto op = op_handle<DropoutAddSignature>("fused_dropout::dropout_add");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
+// Calls `op` below the autograd key: the kernels themselves.
+template <typename Signature, typename... Args>
+auto below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
 }
 
-using torch::autograd::Node;
-using NodePtr = decltype(torch::autograd::Edge::function);  // intrusive_ptr or shared_ptr, by torch release
-
-// The backward of every op here, as a graph node of the kind torch's own generated kernels
-// create (a C++ torch::autograd::Function would be refused under torch.func transforms).
-// It keeps 16 bytes of tensor and turns grad_output into each input's gradient:
-// input (and bias) get the forward's mask and scale, residual gets grad_output itself.
+// The backward of dropout, alpha dropout and dropout_add, as a graph node of the kind torch's
+// own generated kernels create (a C++ torch::autograd::Function would be refused under
+// torch.func transforms). It keeps 16 bytes of tensor and turns grad_output into each
+// input's gradient: input (and bias) get the forward's mask and scale, residual gets
+// grad_output itself.
 struct ReplayMaskBackward : public Node {
   torch::autograd::SavedVariable rng_state;
   double p = 0.0;
   std::vector<int64_t> shared_dims;
-  bool with_residual = false;  // dropout_add: next edges are (input, residual, bias)
+  std::optional<double> scale;  // alpha dropout: its a, in place of 1 / (1 - p)
+  bool with_residual = false;   // dropout_add: next edges are (input, residual, bias)
 
   std::string name() const override { return with_residual ? "DropoutAddBackward" : "DropoutBackward"; }
   void release_variables() override { rng_state.reset_data(); }
@@ -104,7 +143,7 @@ struct ReplayMaskBackward : public Node {
     if (!grad_output.defined()) return grad_inputs;
     const bool want_bias = with_residual && should_compute_output(2);
     if (should_compute_output(0) || want_bias) {
-      const at::Tensor grad_input = replay(grad_output, rng_state.unpack(), p, shared_dims);
+      const at::Tensor grad_input = replay(grad_output, rng_state.unpack(), p, shared_dims, scale);
       if (should_compute_output(0)) grad_inputs[0] = grad_input;
       // d/d bias: the input's gradient summed over every dim but the last.
       if (want_bias) grad_inputs[2] = grad_input.reshape({-1, grad_input.size(-1)}).sum(0);
@@ -114,16 +153,46 @@ struct ReplayMaskBackward : public Node {
   }
 };
 
+// The backward of act_dropout: grad * mask * scale * act'(input + bias), with the mask
+// replayed and act' from torch's own activation backward ops (differentiable again).
+struct ActDropoutBackward : public Node {
+  torch::autograd::SavedVariable rng_state, input, bias;
+  double p = 0.0;
+  std::vector<int64_t> shared_dims;
+  Activation activation = Activation::kReLU;
+
+  std::string name() const override { return "ActDropoutBackward"; }
+  void release_variables() override {
+    rng_state.reset_data();
+    input.reset_data();
+    bias.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list grad_inputs(num_outputs());
+    if (!grads[0].defined()) return grad_inputs;
+    const at::Tensor x = input.unpack(), b = bias.unpack();
+    const at::Tensor grad_pre = backward(grads[0], rng_state.unpack(), b.defined() ? x.add(b) : x);
+    if (should_compute_output(0)) grad_inputs[0] = grad_pre;
+    if (should_compute_output(1)) grad_inputs[1] = grad_pre.reshape({-1, grad_pre.size(-1)}).sum(0);
+    return grad_inputs;
+  }
+
+  at::Tensor backward(const at::Tensor& grad, const at::Tensor& state, const at::Tensor& pre) const {
+    return activation_backward(replay(grad, state, p, shared_dims), pre, activation);
+  }
+};
+
 // A node with edges to `inputs` (undefined ones get none), made the way this torch release
 // owns nodes.
-template <typename... Inputs>
-auto new_backward_node(const Inputs&... inputs) {
+template <typename NodeT, typename... Inputs>
+auto new_node(const Inputs&... inputs) {
   auto make = [](auto* tag) {
     using Ptr = std::remove_pointer_t<decltype(tag)>;
     if constexpr (std::is_same_v<Ptr, std::shared_ptr<Node>>) {
-      return std::make_shared<ReplayMaskBackward>();
+      return std::make_shared<NodeT>();
     } else {
-      return c10::make_intrusive<ReplayMaskBackward>();
+      return c10::make_intrusive<NodeT>();
     }
   };
   auto node = make(static_cast<NodePtr*>(nullptr));
@@ -131,14 +200,15 @@ auto new_backward_node(const Inputs&... inputs) {
   return node;
 }
 
-// Records `output` as produced by a replay of rng_state's mask from `inputs`.
+// Records `output` as made from `inputs` by a replay of rng_state's mask.
 template <typename... Inputs>
-void record_backward(const at::Tensor& output, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                     bool with_residual, const Inputs&... inputs) {
-  auto node = new_backward_node(inputs...);
+void record_replay(const at::Tensor& output, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
+                   std::optional<double> scale, bool with_residual, const Inputs&... inputs) {
+  auto node = new_node<ReplayMaskBackward>(inputs...);
   node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
   node->p = p;
   node->shared_dims = shared_dims.vec();
+  node->scale = scale;
   node->with_residual = with_residual;
   torch::autograd::set_history(output, NodePtr(node));
 }
@@ -146,24 +216,40 @@ void record_backward(const at::Tensor& output, const at::Tensor& rng_state, doub
 std::tuple<at::Tensor, at::Tensor> dropout_autograd(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                     int64_t offset, std::optional<at::Generator> generator,
                                                     at::IntArrayRef shared_dims) {
-  auto [output, rng_state] = dropout_below_autograd(input, p, seed, offset, std::move(generator), shared_dims);
-  if (needs_grad({&input})) record_backward(output, rng_state, p, shared_dims, /*with_residual=*/false, input);
+  static const auto op = op_handle<RandomSignature>("fused_dropout::dropout");
+  auto [output, rng_state] = below_autograd(op, input, p, seed, offset, generator, shared_dims);
+  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input);
   if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
-    output._set_fw_grad(replay(tangent, rng_state, p, shared_dims), kTangentLevel, /*is_inplace_op=*/false);
+    set_tangent(output, replay(tangent, rng_state, p, shared_dims));
   }
   return {output, rng_state};
 }
 
-at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state, double p,
-                           at::IntArrayRef shared_dims) {
+// Alpha dropout's gradient is its a on kept elements, 0 on dropped ones.
+std::tuple<at::Tensor, at::Tensor> alpha_dropout_autograd(const at::Tensor& input, double p,
+                                                          std::optional<int64_t> seed, int64_t offset,
+                                                          std::optional<at::Generator> generator,
+                                                          at::IntArrayRef shared_dims) {
+  static const auto op = op_handle<RandomSignature>("fused_dropout::alpha_dropout");
+  auto [output, rng_state] = below_autograd(op, input, p, seed, offset, generator, shared_dims);
+  const double a = p < 1.0 ? AlphaRule<float, double>::a_for_p(p) : 0.0;
+  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, a, false, input);
+  if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
+    set_tangent(output, replay(tangent, rng_state, p, shared_dims, a));
+  }
+  return {output, rng_state};
+}
+
+at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
+                           std::optional<double> scale) {
   at::Tensor output;
   {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = replay(input, rng_state, p, shared_dims);
+    at::AutoDispatchBelowADInplaceOrView below;
+    output = replay(input, rng_state, p, shared_dims, scale);
   }
-  if (needs_grad({&input})) record_backward(output, rng_state, p, shared_dims, /*with_residual=*/false, input);
+  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, scale, false, input);
   if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
-    output._set_fw_grad(replay(tangent, rng_state, p, shared_dims), kTangentLevel, /*is_inplace_op=*/false);
+    set_tangent(output, replay(tangent, rng_state, p, shared_dims, scale));
   }
   return output;
 }
@@ -171,7 +257,7 @@ at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state,
 at::Tensor& replay_inplace_autograd(at::Tensor& input, const at::Tensor& rng_state, double p,
                                     at::IntArrayRef shared_dims) {
   if (needs_grad({&input}) || tangent_of(&input).defined()) {
-    return input.copy_(replay_autograd(input, rng_state, p, shared_dims));
+    return input.copy_(replay_autograd(input, rng_state, p, shared_dims, std::nullopt));
   }
   static const auto op = op_handle<ReplayInplaceSignature>("fused_dropout::dropout_replay_");
   at::AutoDispatchBelowAutograd below_autograd;  // ADInplaceOrView, below, bumps the version
@@ -182,8 +268,7 @@ at::Tensor& replay_inplace_autograd(at::Tensor& input, const at::Tensor& rng_sta
 at::Tensor state_autograd(const at::Tensor& input, std::optional<int64_t> seed, int64_t offset,
                           std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
   static const auto op = op_handle<StateSignature>("fused_dropout::dropout_state");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, seed, offset, std::move(generator), shared_dims);
+  return below_autograd(op, input, seed, offset, generator, shared_dims);
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input, const at::Tensor& residual,
@@ -191,28 +276,47 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input,
                                                         std::optional<int64_t> seed, int64_t offset,
                                                         std::optional<at::Generator> generator,
                                                         at::IntArrayRef shared_dims) {
-  const at::Tensor* bias_ptr = bias.has_value() ? &*bias : nullptr;
-  const at::Tensor input_tangent = tangent_of(&input), residual_tangent = tangent_of(&residual);
-  const at::Tensor bias_tangent = tangent_of(bias_ptr);
-  const bool has_tangent = input_tangent.defined() || residual_tangent.defined() || bias_tangent.defined();
-  const bool grad = needs_grad({&input, &residual, bias_ptr});
-  auto [output, rng_state] =
-      dropout_add_below_autograd(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
-  if (grad) {
-    const at::Tensor no_bias;
-    record_backward(output, rng_state, p, shared_dims, /*with_residual=*/true, input, residual,
-                    bias_ptr != nullptr ? *bias_ptr : no_bias);
+  const at::Tensor no_bias;
+  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  static const auto op = op_handle<DropoutAddSignature>("fused_dropout::dropout_add");
+  auto [output, rng_state] = below_autograd(op, input, residual, bias, p, seed, offset, generator, shared_dims);
+  if (needs_grad({&input, &residual, &b})) {
+    record_replay(output, rng_state, p, shared_dims, std::nullopt, true, input, residual, b);
   }
-  if (has_tangent) {
-    // d output = d residual + mask * scale * (d input + d bias)
-    at::Tensor dropped = input_tangent.defined() ? input_tangent : at::Tensor();
-    if (bias_tangent.defined()) dropped = dropped.defined() ? dropped.add(bias_tangent) : bias_tangent.expand_as(input);
-    at::Tensor output_tangent = dropped.defined() ? replay(dropped, rng_state, p, shared_dims) : at::Tensor();
-    if (residual_tangent.defined()) {
-      output_tangent = output_tangent.defined() ? output_tangent.add(residual_tangent) : residual_tangent.clone();
-    }
-    output._set_fw_grad(output_tangent, kTangentLevel, false);
+  // d output = d residual + mask * scale * (d input + d bias)
+  const at::Tensor dropped = sum_defined({tangent_of(&input), tangent_of(&b)}, input);
+  const at::Tensor residual_tangent = tangent_of(&residual);
+  if (dropped.defined() || residual_tangent.defined()) {
+    const at::Tensor replayed = dropped.defined() ? replay(dropped, rng_state, p, shared_dims) : at::Tensor();
+    set_tangent(output, sum_defined({replayed, residual_tangent}, input));
   }
+  return {output, rng_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> act_dropout_autograd(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                                                        double p, c10::string_view activation,
+                                                        std::optional<int64_t> seed, int64_t offset,
+                                                        std::optional<at::Generator> generator,
+                                                        at::IntArrayRef shared_dims) {
+  const at::Tensor no_bias;
+  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  static const auto op = op_handle<ActDropoutSignature>("fused_dropout::act_dropout");
+  auto [output, rng_state] = below_autograd(op, input, bias, p, activation, seed, offset, generator, shared_dims);
+  const at::Tensor tangent = sum_defined({tangent_of(&input), tangent_of(&b)}, input);
+  if (!needs_grad({&input, &b}) && !tangent.defined()) return {output, rng_state};
+  auto node = new_node<ActDropoutBackward>(input, b);
+  node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
+  node->input = torch::autograd::SavedVariable(input, /*is_output=*/false);
+  node->bias = torch::autograd::SavedVariable(b, /*is_output=*/false);
+  node->p = p;
+  node->shared_dims = shared_dims.vec();
+  node->activation = parse_activation("fused_dropout::act_dropout", activation);
+  if (tangent.defined()) {
+    const at::Tensor x = primal_of(input), bias_value = primal_of(b);
+    set_tangent(output, node->backward(tangent, rng_state, bias_value.defined() ? x.add(bias_value) : x));
+  }
+
+  if (needs_grad({&input, &b})) torch::autograd::set_history(output, NodePtr(node));
   return {output, rng_state};
 }
 
@@ -225,4 +329,6 @@ TORCH_LIBRARY_IMPL(fused_dropout, Autograd, m) {
   m.impl("dropout_replay", &fused_dropout::replay_autograd);
   m.impl("dropout_replay_", &fused_dropout::replay_inplace_autograd);
   m.impl("dropout_add", &fused_dropout::dropout_add_autograd);
+  m.impl("alpha_dropout", &fused_dropout::alpha_dropout_autograd);
+  m.impl("act_dropout", &fused_dropout::act_dropout_autograd);
 }

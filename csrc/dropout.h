@@ -9,6 +9,7 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include "forms.h"
 #include "layout.h"
 #include "philox.h"
 
@@ -48,6 +49,63 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
                                   const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
                                   int64_t offset, const std::optional<at::Generator>& generator,
                                   at::IntArrayRef shared_dims);
+
+// All checks of alpha_dropout's arguments (those of dropout); returns the mask layout.
+MaskLayout check_alpha_dropout_call(const char* op, const at::Tensor& input, double p,
+                                    const std::optional<int64_t>& seed, int64_t offset,
+                                    const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+
+// All checks of act_dropout's arguments; returns the mask layout and the activation.
+std::pair<MaskLayout, Activation> check_act_dropout_call(const char* op, const at::Tensor& input,
+                                                         const std::optional<at::Tensor>& bias, double p,
+                                                         c10::string_view activation,
+                                                         const std::optional<int64_t>& seed, int64_t offset,
+                                                         const std::optional<at::Generator>& generator,
+                                                         at::IntArrayRef shared_dims);
+
+// The activation act_dropout's `activation` argument names; a clear error for any other name.
+Activation parse_activation(const char* op, c10::string_view name);
+
+// Which member of the family a kernel computes beyond the mask (DESIGN §9, forms.h).
+struct RuleSpec {
+  enum class Form { kDropout, kAlpha, kAct };
+  Form form = Form::kDropout;
+  Activation activation = Activation::kReLU;
+  std::optional<double> scale;  // kDropout only: replaces 1 / (1 - p), as alpha dropout's backward needs
+};
+
+// Calls f(rule) with the output rule of `spec` for scalar_t and drop probability p.
+template <typename scalar_t, typename F>
+void visit_rule(const RuleSpec& spec, double p, F&& f) {
+  using acc_t = acc_type<scalar_t>;
+  auto mask = MaskedScale<scalar_t, acc_t>::for_p(p);
+  switch (spec.form) {
+    case RuleSpec::Form::kDropout:
+      if (spec.scale.has_value()) mask.scale = static_cast<acc_t>(*spec.scale);
+      return f(mask);
+    case RuleSpec::Form::kAlpha:
+      return f(AlphaRule<scalar_t, acc_t>::for_p(p));
+    case RuleSpec::Form::kAct:
+      switch (spec.activation) {
+        case Activation::kReLU:
+          return f(ActRule<Activation::kReLU, scalar_t, acc_t>{mask});
+        case Activation::kGelu:
+          return f(ActRule<Activation::kGelu, scalar_t, acc_t>{mask});
+        case Activation::kGeluTanh:
+          return f(ActRule<Activation::kGeluTanh, scalar_t, acc_t>{mask});
+        case Activation::kSiLU:
+          return f(ActRule<Activation::kSiLU, scalar_t, acc_t>{mask});
+        case Activation::kSquaredReLU:
+          return f(ActRule<Activation::kSquaredReLU, scalar_t, acc_t>{mask});
+      }
+  }
+}
+
+// True for the rules that take a bias (added to the input, rounded, before the rule).
+template <typename Rule>
+constexpr bool kRuleTakesBias = false;
+template <Activation kAct, typename scalar_t, typename acc_t>
+constexpr bool kRuleTakesBias<ActRule<kAct, scalar_t, acc_t>> = true;
 
 // Checks the arguments of the raw generator op: counter int64[N, 4], key int64[N, 2], same device.
 void check_philox_args(const at::Tensor& counter, const at::Tensor& key);

@@ -9,7 +9,8 @@
 namespace fused_dropout {
 namespace {
 
-using ReplaySignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, at::IntArrayRef);
+using ReplaySignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, at::IntArrayRef,
+                                   std::optional<double>);
 using ReplayInplaceSignature = at::Tensor&(at::Tensor&, const at::Tensor&, double, at::IntArrayRef);
 
 const c10::TypedOperatorHandle<ReplayInplaceSignature>& replay_inplace_op() {
@@ -46,7 +47,7 @@ at::Tensor& replay_inplace_functionalize(at::Tensor& input, const at::Tensor& rn
   at::Tensor replayed;
   {
     at::AutoDispatchSkipFunctionalize skip;
-    replayed = replay.call(value, state, p, shared_dims);
+    replayed = replay.call(value, state, p, shared_dims, std::nullopt);
   }
   impl::replace_(input, replayed);
   impl::commit_update(input);

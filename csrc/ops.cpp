@@ -48,6 +48,8 @@ void check_inplace_target(const char* op, const at::Tensor& input) {
               input.strides());
 }
 
+void check_bias(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bias);
+
 void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
                             const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual must have the input's shape ", input.sizes(), ", got ",
@@ -56,6 +58,10 @@ void check_dropout_add_args(const char* op, const at::Tensor& input, const at::T
               input.scalar_type(), ", got ", residual.scalar_type());
   TORCH_CHECK(residual.device() == input.device(), op, ": residual must be on the input's device ", input.device(),
               ", got ", residual.device());
+  check_bias(op, input, bias);
+}
+
+void check_bias(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bias) {
   if (!bias.has_value() || !bias->defined()) return;
   TORCH_CHECK(input.dim() > 0 && bias->dim() == 1 && bias->size(0) == input.size(-1), op,
               ": bias must be 1-D with the size of the input's last dim (", input.dim() > 0 ? input.size(-1) : 0,
@@ -141,6 +147,38 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
   return mask_layout(op, input, shared_dims);
 }
 
+MaskLayout check_alpha_dropout_call(const char* op, const at::Tensor& input, double p,
+                                    const std::optional<int64_t>& seed, int64_t offset,
+                                    const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims) {
+  return check_dropout_call(op, input, p, seed, offset, generator, shared_dims);
+}
+
+Activation parse_activation(const char* op, c10::string_view name) {
+  static const std::pair<const char*, Activation> kNames[] = {{"relu", Activation::kReLU},
+                                                              {"gelu", Activation::kGelu},
+                                                              {"gelu_tanh", Activation::kGeluTanh},
+                                                              {"silu", Activation::kSiLU},
+                                                              {"squared_relu", Activation::kSquaredReLU}};
+  for (const auto& [known, value] : kNames) {
+    if (name == known) return value;
+  }
+  TORCH_CHECK_VALUE(false, op, ": activation must be one of 'relu', 'gelu', 'gelu_tanh', 'silu', 'squared_relu', got '",
+                    std::string(name), "'");
+}
+
+std::pair<MaskLayout, Activation> check_act_dropout_call(const char* op, const at::Tensor& input,
+                                                         const std::optional<at::Tensor>& bias, double p,
+                                                         c10::string_view activation,
+                                                         const std::optional<int64_t>& seed, int64_t offset,
+                                                         const std::optional<at::Generator>& generator,
+                                                         at::IntArrayRef shared_dims) {
+  const Activation act = parse_activation(op, activation);
+  check_input_and_p(op, input, p);
+  check_bias(op, input, bias);
+  check_randomness_args(op, seed, offset, generator);
+  return {mask_layout(op, input, shared_dims), act};
+}
+
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
                            const at::Tensor& residual, WalkOrder order) {
   const int64_t* residual_strides = residual.defined() ? residual.strides().data() : input.strides().data();
@@ -182,7 +220,8 @@ TORCH_LIBRARY(fused_dropout, m) {
       "int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
   // The backward of every form: input times the mask and scale that rng_state stands for.
-  m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[]) -> Tensor");
+  // With `scale`, kept elements are scaled by it instead of 1 / (1 - p) (alpha dropout's backward).
+  m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[], float? scale=None) -> Tensor");
   // In-place dropout is two steps: draw the state (the only random step), then apply its
   // mask in place. The in-place op returns its input, the schema torch's in-place fallbacks
   // (negative and conjugate views, functionalization) expect.
@@ -196,6 +235,15 @@ TORCH_LIBRARY(fused_dropout, m) {
   // residual + dropout(input + bias) in one pass (bias broadcast over the last dim).
   m.def(
       "dropout_add(Tensor input, Tensor residual, Tensor? bias, float p, int? seed=None, int offset=0, "
+      "Generator? generator=None, int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+  // The rest of the family (forms.h): alpha dropout, and dropout(activation(input + bias)).
+  m.def(
+      "alpha_dropout(Tensor input, float p, int? seed=None, int offset=0, Generator? generator=None, "
+      "int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "act_dropout(Tensor input, Tensor? bias, float p, str activation, int? seed=None, int offset=0, "
       "Generator? generator=None, int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");

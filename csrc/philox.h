@@ -134,21 +134,28 @@ struct MaskedScale {
     return out;
   }
 
-  // residual + dropout(x + bias) with the roundings of those three ops done one by one, so
-  // the fused op equals the unfused composition bit for bit in every dtype. The bit-select
-  // between the multiply and the add also keeps compilers from contracting them into an FMA.
+  // residual + dropout(x) with the roundings of those two ops done one by one, so the fused
+  // op equals the unfused composition bit for bit in every dtype. The bit-select between the
+  // multiply and the add also keeps compilers from contracting them into an FMA.
   C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t add_to(scalar_t residual, scalar_t x, uint32_t word) const {
     return static_cast<scalar_t>(static_cast<acc_t>(residual) + static_cast<acc_t>((*this)(x, word)));
   }
-  C10_HOST_DEVICE C10_ALWAYS_INLINE static scalar_t plus_bias(scalar_t x, scalar_t bias) {
-    return static_cast<scalar_t>(static_cast<acc_t>(x) + static_cast<acc_t>(bias));
-  }
 };
 
-// The output rule of a tensor dtype, in the accumulation type torch uses for it (its
-// opmath type): float for float16, bfloat16 and float32, double for float64.
+// The accumulation type torch uses for a tensor dtype (its opmath type): float for
+// float16, bfloat16 and float32, double for float64.
 template <typename scalar_t>
-using OutputRule = MaskedScale<scalar_t, std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>;
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The output rule of a tensor dtype.
+template <typename scalar_t>
+using OutputRule = MaskedScale<scalar_t, acc_type<scalar_t>>;
+
+// x + bias rounded to the dtype, as torch's add rounds it.
+template <typename scalar_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t plus_bias(scalar_t x, scalar_t bias) {
+  return static_cast<scalar_t>(static_cast<acc_type<scalar_t>>(x) + static_cast<acc_type<scalar_t>>(bias));
+}
 
 // The word of mask index `index`, computing a Philox group only when the index leaves the
 // group of the previous call: a walk over indices with a small or zero step mostly reuses it.

@@ -10,21 +10,27 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C, ops
 from .functional import (
+    act_dropout,
+    alpha_dropout,
     drop_path_add,
     dropout,
     dropout1d,
     dropout2d,
     dropout3d,
     dropout_add,
+    feature_alpha_dropout,
     keep_mask,
     stochastic_depth,
 )
 from .modules import (
+    FusedActDropout,
+    FusedAlphaDropout,
     FusedDropout,
     FusedDropout1d,
     FusedDropout2d,
     FusedDropout3d,
     FusedDropoutAdd,
+    FusedFeatureAlphaDropout,
     FusedStochasticDepth,
     replace_dropout,
 )
@@ -39,18 +45,24 @@ def has_cuda_kernels() -> bool:
 
 
 __all__ = [
+    "FusedActDropout",
+    "FusedAlphaDropout",
     "FusedDropout",
     "FusedDropout1d",
     "FusedDropout2d",
     "FusedDropout3d",
     "FusedDropoutAdd",
+    "FusedFeatureAlphaDropout",
     "FusedStochasticDepth",
+    "act_dropout",
+    "alpha_dropout",
     "drop_path_add",
     "dropout",
     "dropout1d",
     "dropout2d",
     "dropout3d",
     "dropout_add",
+    "feature_alpha_dropout",
     "has_cuda_kernels",
     "keep_mask",
     "ops",

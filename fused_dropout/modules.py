@@ -134,6 +134,51 @@ class FusedDropoutAdd(_FusedDropoutNd):
         return f"p={self.p}"
 
 
+class FusedAlphaDropout(_FusedDropoutNd):
+    """Drop-in for :class:`torch.nn.AlphaDropout`: alpha dropout for SELU networks as one fused
+    pass. See :func:`fused_dropout.functional.alpha_dropout`."""
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.alpha_dropout(input, self.p, self.training, self.inplace)
+
+
+class FusedFeatureAlphaDropout(_FusedDropoutNd):
+    """Drop-in for :class:`torch.nn.FeatureAlphaDropout`: alpha dropout of whole channels. See
+    :func:`fused_dropout.functional.feature_alpha_dropout`."""
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.feature_alpha_dropout(input, self.p, self.training, self.inplace)
+
+
+class FusedActDropout(nn.Module):
+    """``dropout(activation(input))`` as one fused pass: the activation module and the dropout
+    module after it in one. See :func:`fused_dropout.functional.act_dropout`.
+
+    In eval mode it calls torch's own activation, so its output equals the unfused pair's
+    bit for bit.
+
+    Args:
+        activation (str): ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"squared_relu"``.
+            Default: ``"gelu"``
+        p (float): probability of an element to be zeroed. Default: 0.5
+    """
+
+    def __init__(self, activation: str = "gelu", p: float = 0.5) -> None:
+        super().__init__()
+        F._check_p(p)
+        F._activation(activation)
+        self.activation = activation
+        self.p = p
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.act_dropout(input, self.p, self.training, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, p={self.p}"
+
+
 class FusedStochasticDepth(nn.Module):
     """Drop-in for :class:`torchvision.ops.StochasticDepth`: the same constructor, ``repr``
     and (empty) ``state_dict``, as one fused pass. See
@@ -167,18 +212,57 @@ _REPLACEMENTS = {
     nn.Dropout1d: FusedDropout1d,
     nn.Dropout2d: FusedDropout2d,
     nn.Dropout3d: FusedDropout3d,
+    nn.AlphaDropout: FusedAlphaDropout,
+    nn.FeatureAlphaDropout: FusedFeatureAlphaDropout,
 }
 
 
-def replace_dropout(model: nn.Module) -> nn.Module:
-    """Swap every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d``, ``nn.Dropout3d`` and
-    ``torchvision.ops.StochasticDepth`` in ``model`` (in place) for its fused counterpart with
-    the same ``p``, ``inplace`` or ``mode``, and training mode. Other dropout kinds
-    (``AlphaDropout``, ``FeatureAlphaDropout``) and subclasses of the torch modules are left
-    alone, with a warning naming them.
+def _activation_name(module: nn.Module):
+    """The act_dropout name of an activation module, or None."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.SiLU:
+        return "silu"
+    if type(module) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    return None
+
+
+def _fuse_activations(model: nn.Module) -> None:
+    # An activation directly followed by a dropout module inside an nn.Sequential becomes one
+    # FusedActDropout in the activation's slot and an nn.Identity in the dropout's, so every
+    # index, and with it every state_dict key, stays where it was (neither module has state).
+    for module in list(model.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules.keys())
+        for first, second in zip(names, names[1:]):
+            activation, dropout = module._modules[first], module._modules[second]
+            name = _activation_name(activation) if activation is not None else None
+            if name is None or type(dropout) is not nn.Dropout:
+                continue
+            fused = FusedActDropout(name, dropout.p)
+            fused.train(dropout.training)
+            module._modules[first] = fused
+            module._modules[second] = nn.Identity()
+
+
+def replace_dropout(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
+    """Swap every torch dropout module (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
+    ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``) and every ``torchvision.ops.StochasticDepth``
+    in ``model`` (in place) for its fused counterpart with the same ``p``, ``inplace`` or
+    ``mode``, and training mode. Subclasses of those modules are left alone, with a warning
+    naming them.
+
+    With ``fuse_activations``, an ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU`` directly followed by an
+    ``nn.Dropout`` inside an ``nn.Sequential`` (torchvision's ``MLP`` and ViT's ``MLPBlock`` are
+    Sequentials) becomes one :class:`FusedActDropout` in the activation's slot and an
+    ``nn.Identity`` in the dropout's: indices and ``state_dict`` keys stay the same, so
+    checkpoints of the stock model load into the swapped one and back.
 
     Args:
         model (nn.Module): the model to change; a bare dropout module is replaced too.
+        fuse_activations (bool): fuse activation + dropout pairs. Default: ``True``
 
     Returns:
         The model (the new module when ``model`` itself was a dropout module).
@@ -198,6 +282,8 @@ def replace_dropout(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and type(module) not in _REPLACEMENTS:
             untouched.append(f"{name or '<model>'} ({type(module).__name__})")
+    if fuse_activations:
+        _fuse_activations(model)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             replacement = swap(child)

@@ -21,6 +21,11 @@ _dropout_state = _lib.dropout_state.default
 _dropout_replay = _lib.dropout_replay.default
 _dropout_replay_ = _lib.dropout_replay_.default
 _dropout_add = _lib.dropout_add.default
+_alpha_dropout = _lib.alpha_dropout.default
+_act_dropout = _lib.act_dropout.default
+
+# The activations act_dropout fuses, by the names its `activation` argument takes.
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu")
 
 # Seeds and offsets are unsigned 64-bit in the mask rule; the op schema carries them as int64 bits.
 U64 = 1 << 64
@@ -66,10 +71,14 @@ def dropout_state(
 
 
 def dropout_replay(
-    input: torch.Tensor, rng_state: torch.Tensor, p: float, shared_dims: Sequence[int] = ()
+    input: torch.Tensor,
+    rng_state: torch.Tensor,
+    p: float,
+    shared_dims: Sequence[int] = (),
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """``input`` times the mask and scale that ``rng_state`` stands for."""
-    return _dropout_replay(input, rng_state, p, list(shared_dims))
+    """``input`` times the mask that ``rng_state`` stands for and ``scale`` (default ``1 / (1 - p)``)."""
+    return _dropout_replay(input, rng_state, p, list(shared_dims), scale)
 
 
 def dropout_replay_(
@@ -109,6 +118,36 @@ def dropout_add(
     return _dropout_add(input, residual, bias, p, seed, offset, generator, list(shared_dims))
 
 
+def alpha_dropout(
+    input: torch.Tensor,
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(output, rng_state)`` of one fused alpha dropout call."""
+    seed, offset = _seed_args(seed, offset)
+    return _alpha_dropout(input, p, seed, offset, generator, list(shared_dims))
+
+
+def act_dropout(
+    input: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    p: float,
+    activation: str,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dropout(activation(input + bias)), rng_state)`` in one pass."""
+    if seed is None and offset == 0 and generator is None and not shared_dims:
+        return _act_dropout(input, bias, p, activation)
+    seed, offset = _seed_args(seed, offset)
+    return _act_dropout(input, bias, p, activation, seed, offset, generator, list(shared_dims))
+
+
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Raw Philox4x32-10: counter int64[N, 4] and key int64[N, 2] of 32-bit words -> int64[N, 4]."""
     return _lib.philox4x32_10.default(counter, key)
@@ -126,8 +165,18 @@ def _dropout_state_fake(input, seed=None, offset=0, generator=None, shared_dims=
 
 
 @torch.library.register_fake("fused_dropout::dropout_replay")
-def _dropout_replay_fake(input, rng_state, p, shared_dims=()):
+def _dropout_replay_fake(input, rng_state, p, shared_dims=(), scale=None):
     return torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_dropout::alpha_dropout")
+def _alpha_dropout_fake(input, p, seed=None, offset=0, generator=None, shared_dims=()):
+    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::act_dropout")
+def _act_dropout_fake(input, bias, p, activation, seed=None, offset=0, generator=None, shared_dims=()):
+    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
 
 
 @torch.library.register_fake("fused_dropout::dropout_replay_")
@@ -179,16 +228,24 @@ def _batched_dims(shared_dims: Sequence[int], per_sample: bool) -> list:
     return dims if per_sample else dims + [0]
 
 
-@torch.library.register_vmap("fused_dropout::dropout")
-def _dropout_vmap(info, in_dims, input, p, seed=None, offset=0, generator=None, shared_dims=()):
-    per_sample = _mask_per_sample(info, seed)
-    if in_dims[0] is None and not per_sample:
-        return _dropout(input, p, seed, offset, generator, list(shared_dims)), (None, None)
-    x = _batch_first(input, in_dims[0], info.batch_size)
-    output, rng_state = _dropout(x, p, seed, offset, generator, _batched_dims(shared_dims, per_sample))
-    if per_sample:
-        return (output, rng_state.expand(info.batch_size, 2)), (0, 0)
-    return (output, rng_state), (0, None)
+def _random_op_vmap(op):
+    """The vmap rule of a random op with the signature of dropout."""
+
+    def rule(info, in_dims, input, p, seed=None, offset=0, generator=None, shared_dims=()):
+        per_sample = _mask_per_sample(info, seed)
+        if in_dims[0] is None and not per_sample:
+            return op(input, p, seed, offset, generator, list(shared_dims)), (None, None)
+        x = _batch_first(input, in_dims[0], info.batch_size)
+        output, rng_state = op(x, p, seed, offset, generator, _batched_dims(shared_dims, per_sample))
+        if per_sample:
+            return (output, rng_state.expand(info.batch_size, 2)), (0, 0)
+        return (output, rng_state), (0, None)
+
+    return rule
+
+
+torch.library.register_vmap("fused_dropout::dropout", _random_op_vmap(_dropout))
+torch.library.register_vmap("fused_dropout::alpha_dropout", _random_op_vmap(_alpha_dropout))
 
 
 @torch.library.register_vmap("fused_dropout::dropout_state")
@@ -203,14 +260,14 @@ def _dropout_state_vmap(info, in_dims, input, seed=None, offset=0, generator=Non
 
 
 @torch.library.register_vmap("fused_dropout::dropout_replay")
-def _dropout_replay_vmap(info, in_dims, input, rng_state, p, shared_dims=()):
+def _dropout_replay_vmap(info, in_dims, input, rng_state, p, shared_dims=(), scale=None):
     input_bdim, state_bdim = in_dims[0], in_dims[1]
     per_sample = state_bdim is not None
     if input_bdim is None and not per_sample:
-        return _dropout_replay(input, rng_state, p, list(shared_dims)), None
+        return _dropout_replay(input, rng_state, p, list(shared_dims), scale), None
     x = _batch_first(input, input_bdim, info.batch_size)
     state = rng_state.select(state_bdim, 0) if per_sample else rng_state
-    return _dropout_replay(x, state, p, _batched_dims(shared_dims, per_sample)), 0
+    return _dropout_replay(x, state, p, _batched_dims(shared_dims, per_sample), scale), 0
 
 
 @torch.library.register_vmap("fused_dropout::dropout_replay_")
@@ -248,4 +305,23 @@ def _dropout_add_vmap(info, in_dims, input, residual, bias, p, seed=None, offset
     output, rng_state = _dropout_add(x, r, bias, p, seed, offset, generator, _batched_dims(shared_dims, per_sample))
     if per_sample:
         return (output, rng_state.expand(batch, 2)), (0, 0)
+    return (output, rng_state), (0, None)
+
+
+@torch.library.register_vmap("fused_dropout::act_dropout")
+def _act_dropout_vmap(info, in_dims, input, bias, p, activation, seed=None, offset=0, generator=None, shared_dims=()):
+    per_sample = _mask_per_sample(info, seed)
+    input_bdim, bias_bdim = in_dims[0], in_dims[1]
+    if input_bdim is None and bias_bdim is None and not per_sample:
+        return _act_dropout(input, bias, p, activation, seed, offset, generator, list(shared_dims)), (None, None)
+    x = _batch_first(input, input_bdim, info.batch_size)
+    if bias_bdim is not None:
+        # A bias per sample is added first, in the input's dtype, where the fused op rounds it too.
+        per_sample_bias = bias.movedim(bias_bdim, 0)
+        x = x + per_sample_bias.reshape(info.batch_size, *([1] * (x.dim() - 2)), per_sample_bias.shape[-1])
+        bias = None
+    dims = _batched_dims(shared_dims, per_sample)
+    output, rng_state = _act_dropout(x, bias, p, activation, seed, offset, generator, dims)
+    if per_sample:
+        return (output, rng_state.expand(info.batch_size, 2)), (0, 0)
     return (output, rng_state), (0, None)

@@ -41,7 +41,17 @@ inline void resolve_state(const HostState& src, uint64_t& seed, uint64_t& base) 
 }
 
 // One launch, as dropout_cuda.cu sizes it: one thread per step of step_elems() elements.
-template <typename T, bool kAligned, bool kAdd, bool kBias>
+// The output rules the kernels are checked with: plain dropout, alpha dropout and GELU + dropout.
+enum class TestRule { kDropout, kAlpha, kGelu };
+
+template <typename T, TestRule kRule>
+auto test_rule() {
+  if constexpr (kRule == TestRule::kDropout) return OutputRule<T>::for_p(0.3);
+  if constexpr (kRule == TestRule::kAlpha) return AlphaRule<T, acc_type<T>>::for_p(0.3);
+  if constexpr (kRule == TestRule::kGelu) return ActRule<Activation::kGelu, T, acc_type<T>>{OutputRule<T>::for_p(0.3)};
+}
+
+template <typename T, bool kAligned, bool kAdd, bool kBias, TestRule kRule = TestRule::kDropout>
 bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt19937& gen) {
   std::normal_distribution<float> normal;
   const auto fresh = [&](size_t n) {
@@ -60,7 +70,7 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   const T* x = aligned(in.data()) + misalign;
   const T* r = aligned(res.data()) + misalign;
   T* out = aligned(out_buffer.data());
-  const auto rule = OutputRule<T>::for_p(0.3);
+  const auto rule = test_rule<T, kRule>();
   const HostState state{0x9E3779B97F4A7C15ull, (uint64_t{1} << 32) - 3};  // the counter carries mid-call
   const Operands<T> ops{x, kAdd ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
 
@@ -73,13 +83,18 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   }
   for (int64_t i = 0; i < numel; ++i) {
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(i / 4)).w[i % 4];
-    const T v = kBias ? OutputRule<T>::plus_bias(x[i], bias[i % last_size]) : x[i];
-    want[misalign + i] = kAdd ? rule.add_to(r[i], v, word) : rule(v, word);
+    const T v = kBias ? plus_bias(x[i], bias[i % last_size]) : x[i];
+    if constexpr (kAdd) {
+      want[misalign + i] = rule.add_to(r[i], v, word);
+    } else {
+      want[misalign + i] = rule(v, word);
+    }
   }
   if (std::memcmp(out, want.data(), want.size() * sizeof(T)) == 0) return true;
-  std::printf("differs: %zu-byte type, numel %lld, last dim %lld, offset %d elements, aligned=%d add=%d bias=%d\n",
-              sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), misalign, kAligned, kAdd,
-              kBias);
+  std::printf(
+      "differs: %zu-byte type, numel %lld, last dim %lld, offset %d elements, aligned=%d add=%d bias=%d rule=%d\n",
+      sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), misalign, kAligned, kAdd, kBias,
+      static_cast<int>(kRule));
   return false;
 }
 
@@ -98,7 +113,11 @@ int failures(std::mt19937& gen) {
       failed += !kernel_matches_rule<T, true, false, false>(n, last_size, 0, gen);
       failed += !kernel_matches_rule<T, true, true, false>(n, last_size, 0, gen);
       failed += !kernel_matches_rule<T, true, true, true>(n, last_size, 0, gen);
-      cases += 6;
+      failed += !kernel_matches_rule<T, false, false, false, TestRule::kAlpha>(n, last_size, 1, gen);
+      failed += !kernel_matches_rule<T, true, false, false, TestRule::kAlpha>(n, last_size, 0, gen);
+      failed += !kernel_matches_rule<T, false, false, true, TestRule::kGelu>(n, last_size, 1, gen);
+      failed += !kernel_matches_rule<T, true, false, true, TestRule::kGelu>(n, last_size, 0, gen);
+      cases += 10;
     }
   }
   std::printf("row-major kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
@@ -150,8 +169,9 @@ int64_t span(const std::vector<int64_t>& sizes, const std::vector<int64_t>& stri
   return last + 1;
 }
 
-template <typename T, bool kAdd>
+template <typename T, bool kAdd, TestRule kRule = TestRule::kDropout>
 bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
+  constexpr bool kBias = kAdd || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
   const std::vector<int64_t> res_strides = c.res.empty() ? row_major(c.sizes) : c.res;
   const std::vector<int64_t> mask = mask_strides(c.sizes, c.shared_dims);
   const int64_t numel = std::accumulate(c.sizes.begin(), c.sizes.end(), int64_t{1}, std::multiplies<>());
@@ -164,16 +184,16 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   const std::vector<T> in = fresh(span(c.sizes, c.in)), res = fresh(span(c.sizes, res_strides));
   const std::vector<T> bias = fresh(c.sizes.back());
   std::vector<T> out(span(c.sizes, c.out), T(7.0f)), want(out);
-  const auto rule = OutputRule<T>::for_p(0.4);
+  const auto rule = test_rule<T, kRule>();
   const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
-  const Operands<T> ops{in.data(),     kAdd ? res.data() : nullptr, kAdd ? bias.data() : nullptr, out.data(), numel,
+  const Operands<T> ops{in.data(),     kAdd ? res.data() : nullptr, kBias ? bias.data() : nullptr, out.data(), numel,
                         c.sizes.back()};
   // As dropout_cuda.cu launches it: in the output's memory order unless a bias needs the
-  // logical index (here every dropout_add case has a bias), with 32- or 64-bit index math.
+  // logical index, with 32- or 64-bit index math.
   const std::array<const int64_t*, kOperands> strides = {c.in.data(), c.out.data(), mask.data(), res_strides.data()};
   const int64_t ndim = static_cast<int64_t>(c.sizes.size());
-  const MergedLayout layout = kAdd ? merge_dims(ndim, c.sizes.data(), strides)
-                                   : merge_dims_in_memory_order(ndim, c.sizes.data(), strides, kOut);
+  const MergedLayout layout = kBias ? merge_dims(ndim, c.sizes.data(), strides)
+                                    : merge_dims_in_memory_order(ndim, c.sizes.data(), strides, kOut);
   const int64_t blocks = std::max<int64_t>(1, ((numel + 3) / 4 + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
@@ -197,12 +217,16 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
       mask_index += index * mask[d];
     }
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
-    want[out_offset] = kAdd ? rule.add_to(res[res_offset], OutputRule<T>::plus_bias(in[in_offset], bias[column]), word)
-                            : rule(in[in_offset], word);
+    const T v = kBias ? plus_bias(in[in_offset], bias[column]) : in[in_offset];
+    if constexpr (kAdd) {
+      want[out_offset] = rule.add_to(res[res_offset], v, word);
+    } else {
+      want[out_offset] = rule(v, word);
+    }
   }
   if (std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0) return true;
-  std::printf("differs: strided kernel, %zu-byte type, %s, add=%d (merged into %lld dims)\n", sizeof(T), c.name.c_str(),
-              kAdd, static_cast<long long>(layout.ndim));
+  std::printf("differs: strided kernel, %zu-byte type, %s, add=%d rule=%d (merged into %lld dims)\n", sizeof(T),
+              c.name.c_str(), kAdd, static_cast<int>(kRule), static_cast<long long>(layout.ndim));
   return false;
 }
 
@@ -236,10 +260,12 @@ int strided_failures(std::mt19937& gen) {
   int failed = 0, cases = 0;
   for (const StridedCase& c : strided_cases()) {
     failed += !strided_kernel_matches_rule<T, false>(c, gen);
-    ++cases;
-    if (c.shared_dims.empty()) {  // dropout_add draws a full mask
+    failed += !strided_kernel_matches_rule<T, false, TestRule::kAlpha>(c, gen);
+    cases += 2;
+    if (c.shared_dims.empty()) {  // dropout_add and act_dropout draw a full mask
       failed += !strided_kernel_matches_rule<T, true>(c, gen);
-      ++cases;
+      failed += !strided_kernel_matches_rule<T, false, TestRule::kGelu>(c, gen);
+      cases += 2;
     }
   }
   std::printf("strided kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);

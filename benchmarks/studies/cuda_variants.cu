@@ -5,7 +5,7 @@
 // rule and timed against cudaMemcpy and a plain copy kernel of the same shape.
 //
 //     nvcc -O3 -std=c++20 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I<torch include> \
-//         benchmarks/cuda_variants.cu -o cuda_variants
+//         benchmarks/studies/cuda_variants.cu -o cuda_variants
 //     ./cuda_variants [results.csv]
 //
 // A "step" is 16 bytes: 4 float32 or 8 float16/bfloat16 elements. "persistent" grids hold

@@ -3,7 +3,7 @@
 the first instruction that reads its registers, from the SASS of the built extension. A
 kernel that wants its Philox rounds to hide the load's latency needs that distance large.
 
-    python benchmarks/sass_load_distance.py [--so fused_dropout/_C*.so] [--arch sm_90] [--kernel REGEX]
+    python benchmarks/studies/sass_load_distance.py [--so fused_dropout/_C*.so] [--arch sm_90] [--kernel REGEX]
 
 cuobjdump comes from the CUDA toolkit (CUDA_HOME, /usr/local/cuda) or triton's copy.
 """

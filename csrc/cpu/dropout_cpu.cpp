@@ -108,27 +108,35 @@ Run<uint16_t> as_bits(const Run<scalar_t>& run) {
           run.count};
 }
 
-// One contiguous run (simd.h): the AVX-512 loops where the CPU has them, else a loop the
-// compiler vectorises.
-template <typename scalar_t, bool kAdd>
-void apply_run(const Run<scalar_t>& run, const OutputRule<scalar_t>& rule) {
-  if (const Avx512Loops* simd = simd_loops()) {
-    if constexpr (std::is_same_v<scalar_t, float> && !kAdd) return simd->dropout_float(run, rule);
-    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-      const TwoByteLoops& loops = std::is_same_v<scalar_t, c10::Half> ? simd->half : simd->bfloat16;
-      return (kAdd ? loops.dropout_add : loops.dropout)(as_bits(run), MaskedScale<float, float>{rule.keep, rule.scale});
+// One contiguous run (simd.h): the AVX-512 loops where the CPU has them (plain dropout and
+// dropout_add), else a loop the compiler vectorises.
+template <typename scalar_t, bool kAdd, typename Rule>
+void apply_run(const Run<scalar_t>& run, const Rule& rule) {
+  const Avx512Loops* simd = std::is_same_v<Rule, OutputRule<scalar_t>> ? simd_loops() : nullptr;
+  if constexpr (std::is_same_v<Rule, OutputRule<scalar_t>>) {
+    if (simd != nullptr) {
+      if constexpr (std::is_same_v<scalar_t, float> && !kAdd) return simd->dropout_float(run, rule);
+      if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+        const TwoByteLoops& loops = std::is_same_v<scalar_t, c10::Half> ? simd->half : simd->bfloat16;
+        return (kAdd ? loops.dropout_add : loops.dropout)(as_bits(run),
+                                                          MaskedScale<float, float>{rule.keep, rule.scale});
+      }
     }
   }
-  if constexpr (!kAdd) {
+  if (!kAdd && run.bias == nullptr) {
     for (int64_t i = 0; i < run.count; ++i) run.y[i] = rule(run.x[i], run.words[i]);
-  } else {
-    int64_t column = run.column;
-    for (int64_t i = 0; i < run.count; ++i) {
-      scalar_t x = run.x[i];
-      if (run.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, run.bias[column]);
+    return;
+  }
+  int64_t column = run.column;
+  for (int64_t i = 0; i < run.count; ++i) {
+    scalar_t x = run.x[i];
+    if (run.bias != nullptr) x = plus_bias(x, run.bias[column]);
+    if constexpr (kAdd) {
       run.y[i] = rule.add_to(run.residual[i], x, run.words[i]);
-      if (++column == run.last_size) column = 0;
+    } else {
+      run.y[i] = rule(x, run.words[i]);
     }
+    if (++column == run.last_size) column = 0;
   }
 }
 
@@ -151,9 +159,8 @@ struct CpuOperands {
 
 // Row-major operands and a full mask: the mask index is the memory index, so the random
 // words come in batches of whole Philox groups and every batch is one contiguous run.
-template <typename scalar_t, bool kAdd>
-void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state,
-                     const OutputRule<scalar_t>& rule) {
+template <typename scalar_t, bool kAdd, typename Rule>
+void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state, const Rule& rule) {
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
@@ -195,9 +202,9 @@ const uint32_t* draw_run_words(RngState state, int64_t first_index, int64_t step
 // elements of the inner runs; each chunk's words are drawn; the output rule runs on the
 // chunk in place where it is contiguous, or on a gathered copy that is then scattered back,
 // so that strided runs take the vector loops too.
-template <typename scalar_t, bool kAdd>
+template <typename scalar_t, bool kAdd, typename Rule>
 void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout, int64_t numel, RngState state,
-                   const OutputRule<scalar_t>& rule) {
+                   const Rule& rule) {
   const int64_t inner = layout.inner();
   const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
   const int64_t in_step = layout.inner_stride(kIn), out_step = layout.inner_stride(kOut);
@@ -238,13 +245,13 @@ void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout,
   });
 }
 
-// The walk for both ops: batches over the memory where every operand is row-major and the
-// mask is full, else the merged runs. `residual` and `bias` are undefined for plain dropout.
-template <typename scalar_t, bool kAdd>
+// The walk for every op: batches over the memory where every operand is row-major and the
+// mask is full, else the merged runs. `residual` is undefined but for dropout_add, `bias`
+// where the op has none.
+template <typename scalar_t, bool kAdd, typename Rule>
 void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
-           const MaskLayout& mask, RngState state, double p) {
+           const MaskLayout& mask, RngState state, const Rule& rule) {
   if (input.numel() == 0) return;
-  const auto rule = OutputRule<scalar_t>::for_p(p);
   const CpuOperands<scalar_t> ops(input, residual, bias, output);
   if (!mask.shared && input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous())) {
     apply_row_major<scalar_t, kAdd>(ops, input.numel(), state, rule);
@@ -253,9 +260,13 @@ void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor
   }
 }
 
-void dispatch_apply(const at::Tensor& input, at::Tensor& output, const MaskLayout& layout, RngState state, double p) {
+// output = rule(input + bias) for the rule `spec` names (bias may be undefined).
+void dispatch_apply(const at::Tensor& input, const at::Tensor& bias, at::Tensor& output, const MaskLayout& layout,
+                    RngState state, double p, const RuleSpec& spec = {}) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
-    apply<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, layout, state, p);
+    visit_rule<scalar_t>(spec, p, [&](const auto& rule) {
+      apply<scalar_t, false>(input, at::Tensor(), bias, output, layout, state, rule);
+    });
   });
 }
 
@@ -310,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p
   const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = new_output(input);
-  dispatch_apply(input, output, layout, state, p);
+  dispatch_apply(input, at::Tensor(), output, layout, state, p);
   return {output, state_tensor(state)};
 }
 
@@ -326,11 +337,11 @@ RngState read_state(const at::Tensor& rng_state) {
 }
 
 at::Tensor dropout_replay_cpu(const at::Tensor& input, const at::Tensor& rng_state, double p,
-                              at::IntArrayRef shared_dims) {
+                              at::IntArrayRef shared_dims, std::optional<double> scale) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
   const MaskLayout layout = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/false);
   at::Tensor output = new_output(input);
-  dispatch_apply(input, output, layout, read_state(rng_state), p);
+  dispatch_apply(input, at::Tensor(), output, layout, read_state(rng_state), p, RuleSpec{{}, {}, scale});
   return output;
 }
 
@@ -338,8 +349,33 @@ at::Tensor& dropout_replay_inplace_cpu(at::Tensor& input, const at::Tensor& rng_
                                        at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_replay_";
   const MaskLayout layout = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/true);
-  dispatch_apply(input, input, layout, read_state(rng_state), p);
+  dispatch_apply(input, at::Tensor(), input, layout, read_state(rng_state), p);
   return input;
+}
+
+std::tuple<at::Tensor, at::Tensor> alpha_dropout_cpu(const at::Tensor& input, double p, std::optional<int64_t> seed,
+                                                     int64_t offset, std::optional<at::Generator> generator,
+                                                     at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::alpha_dropout";
+  const MaskLayout layout = check_alpha_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
+  const RngState state = draw_state(seed, offset, generator);
+  at::Tensor output = new_output(input);
+  dispatch_apply(input, at::Tensor(), output, layout, state, p, RuleSpec{RuleSpec::Form::kAlpha});
+  return {output, state_tensor(state)};
+}
+
+std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                                                   double p, c10::string_view activation, std::optional<int64_t> seed,
+                                                   int64_t offset, std::optional<at::Generator> generator,
+                                                   at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::act_dropout";
+  const auto [layout, act] =
+      check_act_dropout_call(kOp, input, bias, p, activation, seed, offset, generator, shared_dims);
+  const RngState state = draw_state(seed, offset, generator);
+  at::Tensor output = new_output(input);
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  dispatch_apply(input, bias_contiguous, output, layout, state, p, RuleSpec{RuleSpec::Form::kAct, act});
+  return {output, state_tensor(state)};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, const at::Tensor& residual,
@@ -353,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
   at::Tensor output = new_output(input);
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
-    apply<scalar_t, true>(input, residual, bias_contiguous, output, layout, state, p);
+    apply<scalar_t, true>(input, residual, bias_contiguous, output, layout, state, OutputRule<scalar_t>::for_p(p));
   });
   return {output, state_tensor(state)};
 }
@@ -386,5 +422,7 @@ TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
   m.impl("dropout_replay", &fused_dropout::dropout_replay_cpu);
   m.impl("dropout_replay_", &fused_dropout::dropout_replay_inplace_cpu);
   m.impl("dropout_add", &fused_dropout::dropout_add_cpu);
+  m.impl("alpha_dropout", &fused_dropout::alpha_dropout_cpu);
+  m.impl("act_dropout", &fused_dropout::act_dropout_cpu);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cpu);
 }

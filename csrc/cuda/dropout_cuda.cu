@@ -69,12 +69,13 @@ int grid_for(int64_t work_items) {
   return static_cast<int>(std::max<int64_t>(1, needed));
 }
 
-// Launches the kernel for the operands' layout; `residual` and `bias` are undefined for
-// plain dropout. Launched even for an empty tensor, so the kernel still records rng_state.
-template <typename scalar_t, bool kAdd>
+// Launches the kernel for the operands' layout; `residual` is undefined but for dropout_add,
+// `bias` where the op has none. Launched even for an empty tensor, so the kernel still
+// records rng_state.
+template <typename scalar_t, bool kAdd, typename Rule>
 void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
-            const MaskLayout& mask, const StateSource& src, double p_drop) {
-  const auto rule = OutputRule<scalar_t>::for_p(p_drop);
+            const MaskLayout& mask, const StateSource& src, const Rule& rule) {
+  constexpr bool kTakesBias = kAdd || kRuleTakesBias<Rule>;
   const Operands<scalar_t> ops{input.const_data_ptr<scalar_t>(),
                                kAdd ? residual.const_data_ptr<scalar_t>() : nullptr,
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
@@ -91,8 +92,8 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
     const int grid = grid_for((ops.numel + kStep - 1) / kStep);
     const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kAdd || aligned(ops.res));
     BOOL_SWITCH(all_aligned, kAligned, [&] {
-      BOOL_SWITCH(kAdd && ops.bias != nullptr, kBias, [&] {
-        contiguous_kernel<scalar_t, kAligned, kAdd, kAdd && kBias><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+      BOOL_SWITCH(kTakesBias && ops.bias != nullptr, kBias, [&] {
+        contiguous_kernel<scalar_t, kAligned, kAdd, kTakesBias && kBias><<<grid, kThreads, 0, stream>>>(ops, src, rule);
       });
     });
   } else {
@@ -108,10 +109,13 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void dispatch_launch(const at::Tensor& input, at::Tensor& output, const MaskLayout& mask, const StateSource& src,
-                     double p) {
+// output = rule(input + bias) for the rule `spec` names (bias may be undefined).
+void dispatch_launch(const at::Tensor& input, const at::Tensor& bias, at::Tensor& output, const MaskLayout& mask,
+                     const StateSource& src, double p, const RuleSpec& spec = {}) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
-    launch<scalar_t, false>(input, at::Tensor(), at::Tensor(), output, mask, src, p);
+    visit_rule<scalar_t>(spec, p, [&](const auto& rule) {
+      launch<scalar_t, false>(input, at::Tensor(), bias, output, mask, src, rule);
+    });
   });
 }
 
@@ -136,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  dispatch_launch(input, output, mask,
+  dispatch_launch(input, at::Tensor(), output, mask,
                   StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p);
   return {output, rng_state};
 }
@@ -159,13 +163,13 @@ at::Tensor dropout_state_cuda(const at::Tensor& input, std::optional<int64_t> se
 }
 
 at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p,
-                               at::IntArrayRef shared_dims) {
+                               at::IntArrayRef shared_dims, std::optional<double> scale) {
   constexpr const char* kOp = "fused_dropout::dropout_replay";
   const MaskLayout mask = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/false);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
   at::Tensor output = empty_output_like(input);
-  dispatch_launch(input, output, mask, StateSource::saved_in(state), p);
+  dispatch_launch(input, at::Tensor(), output, mask, StateSource::saved_in(state), p, RuleSpec{{}, {}, scale});
   return output;
 }
 
@@ -175,8 +179,39 @@ at::Tensor& dropout_replay_inplace_cuda(at::Tensor& input, const at::Tensor& rng
   const MaskLayout mask = check_replay_call(kOp, input, rng_state, p, shared_dims, /*inplace=*/true);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
-  dispatch_launch(input, input, mask, StateSource::saved_in(state), p);
+  dispatch_launch(input, at::Tensor(), input, mask, StateSource::saved_in(state), p);
   return input;
+}
+
+std::tuple<at::Tensor, at::Tensor> alpha_dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
+                                                      int64_t offset, std::optional<at::Generator> generator,
+                                                      at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::alpha_dropout";
+  const MaskLayout mask = check_alpha_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = empty_output_like(input);
+  at::Tensor rng_state = new_state_tensor(input);
+  dispatch_launch(input, at::Tensor(), output, mask,
+                  StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p,
+                  RuleSpec{RuleSpec::Form::kAlpha});
+  return {output, rng_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> act_dropout_cuda(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                                                    double p, c10::string_view activation, std::optional<int64_t> seed,
+                                                    int64_t offset, std::optional<at::Generator> generator,
+                                                    at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::act_dropout";
+  const auto [mask, act] =
+      check_act_dropout_call(kOp, input, bias, p, activation, seed, offset, generator, shared_dims);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = empty_output_like(input);
+  at::Tensor rng_state = new_state_tensor(input);
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  dispatch_launch(input, bias_contiguous, output, mask,
+                  StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p,
+                  RuleSpec{RuleSpec::Form::kAct, act});
+  return {output, rng_state};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, const at::Tensor& residual,
@@ -192,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
   const StateSource src = StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state);
   const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
-    launch<scalar_t, true>(input, residual, bias_contiguous, output, mask, src, p);
+    launch<scalar_t, true>(input, residual, bias_contiguous, output, mask, src, OutputRule<scalar_t>::for_p(p));
   });
   return {output, rng_state};
 }
@@ -232,5 +267,7 @@ TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
   m.impl("dropout_replay", &fused_dropout::dropout_replay_cuda);
   m.impl("dropout_replay_", &fused_dropout::dropout_replay_inplace_cuda);
   m.impl("dropout_add", &fused_dropout::dropout_add_cuda);
+  m.impl("alpha_dropout", &fused_dropout::alpha_dropout_cuda);
+  m.impl("act_dropout", &fused_dropout::act_dropout_cuda);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cuda);
 }

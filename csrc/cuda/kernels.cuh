@@ -1,4 +1,6 @@
-// The CUDA kernels of dropout and dropout_add: row-major operands, and any other layout. They
+// The CUDA kernels of the dropout family: row-major operands, and any other layout. Each is
+// templated on the output rule (philox.h, forms.h): plain dropout, alpha dropout or
+// activation + dropout, and with kAdd residual + rule(x + bias) for dropout_add. They
 // are plain C++ apart from the CUDA keywords and the launch indices, so that
 // tests/cuda_kernel_on_host.cpp can run this very source on the CPU, one (block, thread) at a
 // time, where no GPU is present. `resolve_state(src, seed, base)` is found by argument-
@@ -8,6 +10,7 @@
 
 #include <cstdint>
 
+#include "../forms.h"
 #include "../layout.h"
 #include "../philox.h"
 
@@ -27,13 +30,13 @@ struct alignas(sizeof(scalar_t) * N) Vec {
   scalar_t v[N];
 };
 
-// The operands of one call. Plain dropout reads `in`; with kAdd the kernels compute
-// residual + dropout(in + bias) instead, bias (optional) running along the last dim.
+// The operands of one call: out = rule(in + bias), or with kAdd res + rule(in + bias); the
+// bias (optional) runs along the last dim.
 template <typename scalar_t>
 struct Operands {
   const scalar_t* in;
   const scalar_t* res;   // kAdd only
-  const scalar_t* bias;  // kAdd only; may be null
+  const scalar_t* bias;  // may be null
   scalar_t* out;
   int64_t numel;
   int64_t last_size;  // size of the last dim, where the bias runs
@@ -42,12 +45,11 @@ struct Operands {
 // One step of the row-major kernel: the kStep elements from `first` on, where the logical
 // index is the memory index. kFull: all of them are in the tensor, so an aligned step is one
 // or two 16-byte loads and stores per operand; otherwise it is the tensor's last, partial step.
-// kBias (with kAdd) is a template argument rather than a test of ops.bias: a branch between
-// the loads and their use made the compiler unpack the loaded registers at once, before the
-// Philox rounds.
-template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, bool kFull>
+// kBias is a template argument rather than a test of ops.bias: a branch between the loads and
+// their use made the compiler unpack the loaded registers at once, before the Philox rounds.
+template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, bool kFull, typename Rule>
 __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, uint64_t seed, uint64_t base,
-                                                const OutputRule<scalar_t>& rule, int64_t first) {
+                                                const Rule& rule, int64_t first) {
   constexpr int kStep = step_elems<scalar_t>();
   using V = Vec<scalar_t, kStep>;
   const int64_t numel = ops.numel;
@@ -71,7 +73,7 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
     int64_t column = first % ops.last_size;  // one division per step, not per element
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
-      x.v[j] = OutputRule<scalar_t>::plus_bias(x.v[j], ops.bias[column]);
+      x.v[j] = plus_bias(x.v[j], ops.bias[column]);
       column = column + 1 == ops.last_size ? 0 : column + 1;
     }
   }
@@ -79,7 +81,11 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 #pragma unroll
   for (int k = 0; k < kStep; ++k) {
     const uint32_t word = w[k / 4].w[k % 4];
-    y.v[k] = kAdd ? rule.add_to(r.v[k], x.v[k], word) : rule(x.v[k], word);
+    if constexpr (kAdd) {
+      y.v[k] = rule.add_to(r.v[k], x.v[k], word);
+    } else {
+      y.v[k] = rule(x.v[k], word);
+    }
   }
   if constexpr (kAligned && kFull) {
     *reinterpret_cast<V*>(ops.out + first) = y;
@@ -95,9 +101,8 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 // step. Straight-line code lets ptxas issue a 2-byte type's 16-byte load before the Philox
 // rounds, which then run while the load is in flight (benchmarks/NOTES.md has the SASS
 // reading that motivated it).
-template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, typename StateSource>
-__global__ void __launch_bounds__(kThreads)
-    contiguous_kernel(Operands<scalar_t> ops, StateSource src, OutputRule<scalar_t> rule) {
+template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, typename Rule, typename StateSource>
+__global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src, Rule rule) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
@@ -137,9 +142,9 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
 // Philox group it computed last (a shared mask value, or the next words). The walk is in the
 // output's memory order where the caller needs no logical index (no bias), else in logical
 // order, where the bias column is the logical index modulo the last dim's size.
-template <typename scalar_t, bool kAdd, typename index_t, typename StateSource>
+template <typename scalar_t, bool kAdd, typename index_t, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads)
-    strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, OutputRule<scalar_t> rule) {
+    strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, Rule rule) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;
@@ -160,12 +165,12 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const uint32_t word = cache.word(seed, base, offset[kMask]);
-    if (kAdd) {
-      scalar_t x = ops.in[offset[kIn]];
-      if (ops.bias != nullptr) x = OutputRule<scalar_t>::plus_bias(x, ops.bias[linear % ops.last_size]);
+    scalar_t x = ops.in[offset[kIn]];
+    if (ops.bias != nullptr) x = plus_bias(x, ops.bias[linear % ops.last_size]);
+    if constexpr (kAdd) {
       ops.out[offset[kOut]] = rule.add_to(ops.res[offset[kRes]], x, word);
     } else {
-      ops.out[offset[kOut]] = rule(ops.in[offset[kIn]], word);
+      ops.out[offset[kOut]] = rule(x, word);
     }
   }
 }

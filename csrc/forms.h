@@ -1,0 +1,89 @@
+// The output rules of the dropout family beyond plain dropout (DESIGN §9): alpha dropout and
+// activation + dropout. Each keeps an element iff the mask rule of philox.h keeps it, and
+// maps the element with its own affine or activation step. Free of ATen, like philox.h, so
+// the CPU and CUDA kernels and the CUDA kernels' host test share them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+namespace fused_dropout {
+
+// The accumulation type's math functions, on the host and the device.
+namespace math {
+C10_HOST_DEVICE C10_ALWAYS_INLINE float erf(float x) { return ::erff(x); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE double erf(double x) { return ::erf(x); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE float fma(float x, float y, float z) { return ::fmaf(x, y, z); }
+C10_HOST_DEVICE C10_ALWAYS_INLINE double fma(double x, double y, double z) { return ::fma(x, y, z); }
+}  // namespace math
+
+// Alpha dropout (torch's nn.AlphaDropout): kept elements are a * x + a * alpha * p, dropped
+// ones a * alpha * (p - 1), with alpha = 1.7580993408473766 and
+// a = 1 / sqrt((alpha^2 p + 1)(1 - p)), so SELU activations keep zero mean and unit variance.
+// Its gradient is a on kept elements and 0 on dropped ones: a MaskedScale with scale a.
+template <typename scalar_t, typename acc_t>
+struct AlphaRule {
+  KeepRule keep;
+  acc_t a;
+  acc_t kept_shift;  // a * alpha * p
+  scalar_t dropped;  // a * alpha * (p - 1), rounded once
+
+  static constexpr double kAlpha = 1.7580993408473766;
+  static double a_for_p(double p_drop) { return 1.0 / std::sqrt((kAlpha * kAlpha * p_drop + 1.0) * (1.0 - p_drop)); }
+
+  static AlphaRule for_p(double p_drop) {
+    const double a = p_drop < 1.0 ? a_for_p(p_drop) : 0.0;
+    return AlphaRule{KeepRule::for_p(p_drop), static_cast<acc_t>(a), static_cast<acc_t>(a * kAlpha * p_drop),
+                     static_cast<scalar_t>(a * kAlpha * (p_drop - 1.0))};
+  }
+
+  // One fused multiply-add, written out so that every compiler rounds it once: the CPU and
+  // CUDA kernels give the same bits.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
+    const scalar_t kept = static_cast<scalar_t>(math::fma(static_cast<acc_t>(x), a, kept_shift));
+    return keep(word) ? kept : dropped;
+  }
+};
+
+// The activations of act_dropout, in the accumulation type, written as torch writes them
+// (ATen's GeluKernel, Activation.cpp) so the fused form stays within an ulp or two of them.
+enum class Activation : int { kReLU = 0, kGelu, kGeluTanh, kSiLU, kSquaredReLU };
+
+template <Activation kAct, typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t activate(acc_t x) {
+  if constexpr (kAct == Activation::kReLU || kAct == Activation::kSquaredReLU) {
+    // NaN stays NaN, as in torch's relu; -0.0 becomes +0.0.
+    const acc_t relu = x > acc_t(0) ? x : (x != x ? x : acc_t(0));
+    if constexpr (kAct == Activation::kReLU) return relu;
+    return relu * relu;
+  } else if constexpr (kAct == Activation::kGelu) {
+    constexpr acc_t kSqrtHalf = acc_t(0.70710678118654752440);
+    return x * acc_t(0.5) * (acc_t(1) + math::erf(x * kSqrtHalf));
+  } else if constexpr (kAct == Activation::kGeluTanh) {
+    constexpr acc_t kBeta = acc_t(0.79788456080286535588);  // sqrt(2 / pi)
+    constexpr acc_t kKappa = acc_t(0.044715);
+    const acc_t inner = kBeta * (x + kKappa * x * x * x);
+    return acc_t(0.5) * x * (acc_t(1) + math::tanh(inner));
+  } else {
+    return x / (acc_t(1) + math::exp(-x));
+  }
+}
+
+// dropout(act(x)): the activation rounded to the dtype, as the unfused act would return it,
+// then the plain output rule. With kReLU the result equals dropout(relu(x)) bit for bit.
+template <Activation kAct, typename scalar_t, typename acc_t>
+struct ActRule {
+  MaskedScale<scalar_t, acc_t> mask;
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
+    return mask(static_cast<scalar_t>(activate<kAct>(static_cast<acc_t>(x))), word);
+  }
+};
+
+}  // namespace fused_dropout
