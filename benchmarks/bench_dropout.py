@@ -50,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
     parser.add_argument("--no-add", action="store_true", help="skip the dropout_add comparison")
     parser.add_argument("--no-layouts", action="store_true", help="skip channels_last and dropout2d")
+    parser.add_argument("--no-family", action="store_true", help="skip act_dropout, drop_path_add, alpha_dropout")
     parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
     parser.add_argument("--out", default="benchmarks/results/latest", help="output folder")
     return parser.parse_args(argv)
@@ -241,6 +242,83 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
     return results
 
 
+def measure_family(numel, dtype, device, p, timer, compile_too, cache_bytes):
+    """The rest of the family against the PyTorch compositions they replace, eager and
+    compiled, forward and forward+backward (gradient of the input):
+    - gelu: dropout(gelu(x + b)) on (numel / 1024, 1024) rows with a bias;
+    - drop_path+add: residual + stochastic_depth(x, "row"), 1024 elements per sample;
+    - alpha: alpha_dropout(x).
+    Counted bytes are the fewest a fused pass moves: forward reads its inputs and writes the
+    output; backward reads the gradient (and gelu's saved input) and writes the input's
+    gradient. % of copy compares with a copy that moves the same bytes."""
+    width = 1024
+    shape = (max(1, numel // width), width)
+    flat = rotation(shape[0] * width, dtype, device, cache_bytes)
+    inputs = [t.view(shape) for t in flat]
+    leaves = [t.clone().requires_grad_(True) for t in inputs[:2]]
+    bias = torch.randn(width, device=device, dtype=dtype)
+    next_x, next_other, next_leaf = cycle(inputs), cycle(inputs[1:] + inputs[:1]), cycle(leaves)
+    grad = torch.randn_like(inputs[0])
+    es = inputs[0].element_size()
+    n = inputs[0].numel()
+    copy_time = timer(lambda: next_x().clone())  # 2n elements moved
+
+    def stochastic_depth_eager(x, r):
+        try:
+            from torchvision.ops import stochastic_depth
+        except ImportError:  # torchvision's formula, for machines without it
+            keep = torch.empty((x.shape[0], 1), device=x.device, dtype=x.dtype).bernoulli_(1 - p).div_(1 - p)
+            return r + x * keep
+        return r + stochastic_depth(x, p, "row", training=True)
+
+    forms = {
+        "gelu": (
+            lambda x, r: F.dropout(F.gelu(x + bias), p, training=True),
+            lambda x, r: fused_dropout.act_dropout(x, p, activation="gelu", bias=bias),
+            (2, 3),
+        ),
+        "drop_path+add": (
+            stochastic_depth_eager,
+            lambda x, r: fused_dropout.drop_path_add(x, r, p),
+            (3, 2),
+        ),
+        "alpha": (
+            lambda x, r: F.alpha_dropout(x, p, training=True),
+            lambda x, r: fused_dropout.alpha_dropout(x, p, training=True),
+            (2, 2),
+        ),
+    }
+    results = []
+    for form, (eager, fused, (fwd_passes, bwd_passes)) in forms.items():
+        variants = {"eager": eager, "fused_dropout": fused}
+        if compile_too:
+            variants["compiled"] = torch.compile(eager, dynamic=False)
+        times = {}
+        for name, fn in variants.items():
+            forward = timer(lambda: fn(next_x(), next_other()))
+
+            def forward_backward():
+                leaf = next_leaf()
+                return torch.autograd.grad(fn(leaf, next_other()), leaf, grad)
+
+            times[name] = {"forward": forward, "forward+backward": timer(forward_backward)}
+        for name, by_direction in times.items():
+            for direction, seconds in by_direction.items():
+                passes = fwd_passes + (bwd_passes if direction == "forward+backward" else 0)
+                row = result_row(
+                    dtype, n, f"{form}: {name}", direction, seconds, passes * n * es, copy_time * passes / 2
+                )
+                if name == "fused_dropout":
+                    row["speedup_vs_F.dropout"] = by_direction_ratio(times, "eager", direction, seconds)
+                    row["speedup_vs_compiled F.dropout"] = by_direction_ratio(times, "compiled", direction, seconds)
+                results.append(row)
+    return results
+
+
+def by_direction_ratio(times, name, direction, seconds):
+    return times[name][direction] / seconds if name in times else None
+
+
 def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
     """Forward on (N, 64, 32, 32) images: dropout of a channels_last tensor (the strided
     kernel: the mask follows the logical index, not memory order) and channel-wise dropout2d
@@ -412,6 +490,8 @@ def main(argv=None):
                 rows += measure_dropout_add(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
             if not args.no_layouts:
                 rows += measure_layouts(numel, dtype, device, p, timer, cache_bytes)
+            if not args.no_family:
+                rows += measure_family(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
             results += rows
             ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
             print(

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "philox.h"
 
@@ -19,8 +20,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
 C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
 C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
 C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
-C10_HOST_DEVICE C10_ALWAYS_INLINE float fma(float x, float y, float z) { return ::fmaf(x, y, z); }
-C10_HOST_DEVICE C10_ALWAYS_INLINE double fma(double x, double y, double z) { return ::fma(x, y, z); }
+// x * y rounded on its own: nvcc would otherwise fuse it with a following add into one
+// rounding, where the CPU rounds twice.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float mul_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, y);
+#else
+  return x * y;
+#endif
+}
+C10_HOST_DEVICE C10_ALWAYS_INLINE double mul_rn(double x, double y) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(x, y);
+#else
+  return x * y;
+#endif
+}
 }  // namespace math
 
 // Alpha dropout (torch's nn.AlphaDropout): kept elements are a * x + a * alpha * p, dropped
@@ -43,11 +58,20 @@ struct AlphaRule {
                      static_cast<scalar_t>(a * kAlpha * (p_drop - 1.0))};
   }
 
-  // One fused multiply-add, written out so that every compiler rounds it once: the CPU and
-  // CUDA kernels give the same bits.
+  // The multiply and the add each rounded to the accumulation type, on every device alike, so
+  // the CPU and CUDA kernels give the same bits (and the CPU loop vectorises).
   C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
-    const scalar_t kept = static_cast<scalar_t>(math::fma(static_cast<acc_t>(x), a, kept_shift));
-    return keep(word) ? kept : dropped;
+    using bits_t = typename MaskedScale<scalar_t, acc_t>::bits_t;
+    const scalar_t kept = static_cast<scalar_t>(math::mul_rn(static_cast<acc_t>(x), a) + kept_shift);
+    // A select on the bits, as MaskedScale does, so that the CPU loop vectorises.
+    bits_t kept_bits, dropped_bits;
+    std::memcpy(&kept_bits, &kept, sizeof(bits_t));
+    std::memcpy(&dropped_bits, &dropped, sizeof(bits_t));
+    const bits_t take_kept = static_cast<bits_t>(bits_t(0) - static_cast<bits_t>(keep(word)));
+    const bits_t bits = static_cast<bits_t>((kept_bits & take_kept) | (dropped_bits & ~take_kept));
+    scalar_t out;
+    std::memcpy(&out, &bits, sizeof(bits_t));
+    return out;
   }
 };
 

@@ -86,18 +86,14 @@ ALPHA = 1.7580993408473766  # torch's alpha dropout constant
 
 
 def alpha_dropout(x: torch.Tensor, p: float, seed: int, base: int = 0, shared_dims=()) -> torch.Tensor:
-    """The expected alpha dropout: kept elements a * x + a * alpha * p (one rounding of the
-    exact value to the accumulation type, as the kernel's fused multiply-add does, then to the
-    dtype), dropped ones a * alpha * (p - 1); a = 1 / sqrt((alpha^2 p + 1)(1 - p))."""
-    from fractions import Fraction
-
+    """The expected alpha dropout: kept elements a * x + a * alpha * p (the multiply and the
+    add each rounded to the accumulation type, then the result to the dtype), dropped ones
+    a * alpha * (p - 1); a = 1 / sqrt((alpha^2 p + 1)(1 - p))."""
     a = 1.0 / np.sqrt((ALPHA * ALPHA * p + 1.0) * (1.0 - p)) if p < 1 else 0.0
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    a_acc = Fraction(torch.tensor(a, dtype=torch.float64).to(acc).item())
-    shift = Fraction(torch.tensor(a * ALPHA * p, dtype=torch.float64).to(acc).item())
-    # a * x + shift exactly, rounded once to float64 (then to the accumulation type).
-    exact = [float(Fraction(v) * a_acc + shift) for v in x.detach().cpu().double().reshape(-1).tolist()]
-    kept = torch.tensor(exact, dtype=torch.float64).reshape(x.shape).to(acc).to(x.dtype)
+    a_acc = torch.tensor(a, dtype=torch.float64).to(acc)
+    shift = torch.tensor(a * ALPHA * p, dtype=torch.float64).to(acc)
+    kept = (x.detach().cpu().to(acc) * a_acc + shift).to(x.dtype)
     dropped = torch.tensor(a * ALPHA * (p - 1.0), dtype=torch.float64).to(x.dtype)
     keep = torch.from_numpy(keep_mask(mask_shape(x.shape, shared_dims), p, seed, base)).expand(x.shape)
     return torch.where(keep, kept, dropped)

@@ -13,8 +13,11 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/silu.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -372,8 +375,19 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, cons
   const auto [layout, act] =
       check_act_dropout_call(kOp, input, bias, p, activation, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
+  const bool with_bias = bias.has_value() && bias->defined();
+  if (act == Activation::kGelu || act == Activation::kGeluTanh || act == Activation::kSiLU) {
+    // erf, tanh and exp one element at a time cost several times a pass over memory here, so
+    // the activation runs through ATen's vectorised CPU kernels into the output, and the mask
+    // rule then runs over it in place: two passes, and the unfused composition's exact bits.
+    const at::Tensor pre = with_bias ? at::add(input, *bias) : input;
+    at::Tensor output =
+        act == Activation::kSiLU ? at::silu(pre) : at::gelu(pre, act == Activation::kGelu ? "none" : "tanh");
+    dispatch_apply(output, at::Tensor(), output, layout, state, p);
+    return {output, state_tensor(state)};
+  }
   at::Tensor output = new_output(input);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = with_bias ? bias->contiguous() : at::Tensor();
   dispatch_apply(input, bias_contiguous, output, layout, state, p, RuleSpec{RuleSpec::Form::kAct, act});
   return {output, state_tensor(state)};
 }
