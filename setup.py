@@ -1,7 +1,14 @@
 """Build of the fused_dropout extension against the installed torch.
 
+The extension links against the torch it is compiled with, so it is built against the torch
+already installed: ``pip install --no-build-isolation .``. In an isolated build (plain
+``pip install .``) torch is absent, and the build stops at once with that command rather
+than fetching a second torch it could not load beside the user's.
+
 CUDA kernels are built whenever torch is a CUDA build and a CUDA toolkit is found, with or
-without a GPU on this machine. Environment:
+without a GPU on this machine. The configuration chosen is recorded in
+fused_dropout/_build_info.py, which the package checks against the running torch at import
+(``python -m fused_dropout --info`` prints it). Environment:
     FORCE_CUDA=1          build the CUDA kernels, fail if that is impossible
     FUSED_DROPOUT_CPU_ONLY=1   never build the CUDA kernels
     CUDA_HOME             the toolkit (default: found from nvcc, else /usr/local/cuda)
@@ -15,12 +22,19 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+BUILD_INFO = ROOT / "fused_dropout" / "_build_info.py"
+# Commands that compile the extension; the others (sdist, egg_info, dist_info) need no torch.
+COMPILING = {"build", "build_ext", "bdist_wheel", "develop", "editable_wheel", "install"}
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ModuleNotFoundError:
+    torch = None
 
 
 def flag(name):
@@ -69,6 +83,18 @@ def choose_cuda():
     return cuda_home, "torch CUDA %s, toolkit %s" % (torch.version.cuda, cuda_home)
 
 
+def write_build_info(cuda_home, cpu_only_reason):
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda_home else ""
+    BUILD_INFO.write_text(
+        "# Written by setup.py at build time: what this build of the extension was compiled against.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+        f"WITH_CUDA = {cuda_home is not None!r}\n"
+        f"CUDA_ARCH_LIST = {arch_list!r}\n"
+        f"CPU_ONLY_REASON = {cpu_only_reason!r}\n"
+    )
+
+
 def extensions():
     debug = flag("DEBUG")
     cuda_home, reason = choose_cuda()
@@ -78,6 +104,9 @@ def extensions():
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is a header template over OpenMP: without -fopenmp it runs serially.
     cxx_flags += ["-fopenmp"]
+    # The AVX-512 file passes __m512 values between its own inline functions only; GCC notes
+    # that such an ABI differs from a non-AVX-512 one, which concerns no caller here.
+    cxx_flags += ["-Wno-psabi"]
     link_flags = ["-fopenmp"]
     # The C++ standard is left to torch.utils.cpp_extension: it matches the installed torch.
     include_dirs = [str(CSRC)]
@@ -99,6 +128,7 @@ def extensions():
             % (reason, os.environ["TORCH_CUDA_ARCH_LIST"], "; DEBUG" if debug else ""),
             flush=True,
         )
+        write_build_info(cuda_home, None)
         ext = CUDAExtension(
             "fused_dropout._C",
             sources,
@@ -109,6 +139,7 @@ def extensions():
         )
     else:
         print("fused_dropout setup: building CPU kernels only (%s)" % reason, flush=True)
+        write_build_info(None, reason)
         ext = CppExtension(
             "fused_dropout._C",
             sources,
@@ -119,7 +150,22 @@ def extensions():
     return [ext]
 
 
-setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+def main():
+    compiling = bool(COMPILING.intersection(sys.argv[1:]))
+    if torch is None:
+        if compiling:
+            sys.exit(
+                "fused_dropout setup: torch is not importable here. The extension is compiled against the "
+                "torch you have installed, so build it in your environment, not in pip's isolated one:\n"
+                "    pip install --no-build-isolation .\n"
+                "(install torch first: https://pytorch.org/get-started/)"
+            )
+        setup()  # an sdist or metadata: no compiler, no torch
+        return
+    setup(
+        ext_modules=extensions() if compiling else [],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+main()

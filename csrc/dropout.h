@@ -118,6 +118,9 @@ enum class WalkOrder { kLogical, kOutputMemory };
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
                            const at::Tensor& residual, WalkOrder order = WalkOrder::kLogical);
 
+// The CPU inner loops this process runs: "avx512" or "portable".
+const char* cpu_loops_name();
+
 // The output of an out-of-place call: same shape, dtype, device and memory format as the input.
 at::Tensor empty_output_like(const at::Tensor& input);
 

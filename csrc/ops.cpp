@@ -250,7 +250,7 @@ TORCH_LIBRARY(fused_dropout, m) {
 }
 
 // The shared library is imported once from Python for the registrations above; the module
-// itself only says whether the CUDA kernels were compiled in.
+// itself only says whether the CUDA kernels were compiled in and which CPU loops run.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fused_dropout operator registrations", -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
@@ -259,7 +259,8 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   constexpr long kWithCuda = 0;
 #endif
-  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", kWithCuda) != 0) {
+  if (module != nullptr && (PyModule_AddIntConstant(module, "with_cuda", kWithCuda) != 0 ||
+                            PyModule_AddStringConstant(module, "cpu_loops", fused_dropout::cpu_loops_name()) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -8,7 +8,11 @@ the same mask on every device, dtype and memory layout.
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
-from . import _C, ops
+from ._load import load_extension
+
+_C = load_extension()
+
+from . import ops
 from .functional import (
     act_dropout,
     alpha_dropout,

@@ -428,6 +428,9 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
 }
 
 }  // namespace
+
+const char* cpu_loops_name() { return simd_loops() != nullptr ? "avx512" : "portable"; }
+
 }  // namespace fused_dropout
 
 TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
