@@ -40,11 +40,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES), help="default: all three")
     parser.add_argument("--log2-sizes", type=int, nargs="+", default=None, help="sizes as powers of two")
-    parser.add_argument("--p", type=float, default=0.5)
+    parser.add_argument("--p", type=float, default=0.5, help="drop probability")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd F.dropout")
     parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-layouts", action="store_true", help="skip channels_last and dropout2d")
     parser.add_argument("--no-family", action="store_true", help="skip act_dropout, drop_path_add, alpha_dropout")
     parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
-    parser.add_argument("--out", default="benchmarks/results/latest", help="output folder")
+    parser.add_argument("--out", default="runs/bench_dropout", help="output folder")
     return parser.parse_args(argv)
 
 

@@ -34,8 +34,8 @@ def per_call_us(fn, device, calls=2000, rounds=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--numel", type=int, default=2**16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--numel", type=int, default=2**16, help="elements per call")
     args = parser.parse_args()
     device = torch.device(args.device)
     x = torch.randn(args.numel, device=device)

@@ -45,7 +45,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/")
     parser.add_argument("--download", action="store_true", help="download MNIST with torchvision (needs internet)")
     parser.add_argument("--out", default="runs/mnist_mlp", help="output folder")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     args = parser.parse_args(argv)
     for p in args.p:
         if not 0.0 <= p <= 1.0:
@@ -129,6 +131,18 @@ class Dist:
         return t.item() / self.world
 
 
+def progress(steps, label, quiet):
+    """`steps` with a progress bar (batches/s and ETA) on a terminal; as is otherwise (CI,
+    logs, --quiet), where the per-epoch lines are the progress."""
+    if quiet or not sys.stderr.isatty():
+        return steps
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return steps
+    return tqdm(steps, desc=label, unit="batch", leave=False, dynamic_ncols=True)
+
+
 def train_run(variant, p, seed, data, args, device, dist, log):
     """Train one model; returns its per-epoch history."""
     train_x, train_y, test_x, test_y = data
@@ -152,7 +166,10 @@ def train_run(variant, p, seed, data, args, device, dist, log):
         seen = 0
         # Every rank takes the same number of steps (DDP all-reduces once per step): the
         # last batches % world batches of an epoch are left out when training on N ranks.
-        for b in range(dist.rank, batches - batches % dist.world, dist.world):
+        steps = range(dist.rank, batches - batches % dist.world, dist.world)
+        for b in progress(
+            steps, f"{variant} p={p} seed {seed} epoch {epoch}/{args.epochs}", args.quiet or not dist.main
+        ):
             index = permutation[b * args.batch_size : (b + 1) * args.batch_size]
             loss = F.cross_entropy(net(train_x[index]), train_y[index])
             optimizer.zero_grad(set_to_none=True)
@@ -234,7 +251,7 @@ def markdown_table(rows):
         "gap (pp)",
         "final train loss",
         "test loss",
-        "s / epoch",
+        "s / epoch (whole training step)",
     ] + (["peak memory (MiB)"] if memory else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

@@ -40,8 +40,8 @@ def test_a_source_tree_without_a_build_says_what_to_run(tmp_path):
         "import sys\n"
         "class NoBuild:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'fused_dropout._C':\n"
-        "            raise ModuleNotFoundError(\"No module named 'fused_dropout._C'\")\n"
+        "        if name in ('fused_dropout._C', 'fused_dropout._build_info'):\n"
+        "            raise ModuleNotFoundError(\"No module named \" + name)\n"
         "sys.meta_path.insert(0, NoBuild())\n"
         "import fused_dropout\n"
     )
