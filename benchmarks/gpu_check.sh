@@ -11,7 +11,8 @@
 # and prints a short table last. Each step has a time limit, so the whole check ends in
 # about 8 minutes even when a step hangs. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
 # set, OUT_DIR is also packed into that file after every step. SKIP="variants ncu ..." leaves
-# out the named optional steps (variants, overhead, ncu, sanitizer, mnist, models).
+# out the named optional steps (variants, overhead, ncu, sanitizer, racecheck, mnist, models,
+# models_compiled); SIZES and DTYPES narrow the benchmark.
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
@@ -78,7 +79,7 @@ pack
 step "benchmark"
 if [ "$QUICK" = "--quick" ]; then sizes="20 26"; else sizes="${SIZES:-16 20 24 26 28}"; fi
 run_limited 240 "$OUT/bench.log" $PY benchmarks/bench_dropout.py --device cuda --log2-sizes $sizes \
-  --dtypes float32 float16 bfloat16 --out "$OUT/bench" || { status=1; tail -20 "$OUT/bench.log"; }
+  --dtypes ${DTYPES:-float32 float16 bfloat16} --out "$OUT/bench" || { status=1; tail -20 "$OUT/bench.log"; }
 pack
 
 step "host cost per call at 2^16 (benchmarks/launch_overhead.py)"
@@ -120,10 +121,16 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     fused_dropout.dropout_add(r.clone(), r, 0.1, bias=b)
     fused_dropout.dropout_add(r.t().contiguous().t(), r, 0.1, bias=b)   # strided operands
     fused_dropout.drop_path_add(r, r, 0.5, scale=b)                     # mask shared per sample
+    for activation in ("relu", "gelu", "gelu_tanh", "silu", "squared_relu"):
+        a = r.clone().requires_grad_(True)
+        fused_dropout.act_dropout(a, 0.1, activation=activation, bias=b).sum().backward()
+        fused_dropout.act_dropout(r.t(), 0.1, activation=activation)   # strided, no bias
+    fused_dropout.alpha_dropout(r, 0.2, True)
+    fused_dropout.feature_alpha_dropout(z, 0.2, True)
 torch.cuda.synchronize()
 print("sanitize run done")
 PYEOF
-for tool in $(skipped sanitizer >/dev/null || echo memcheck racecheck); do
+for tool in $(skipped sanitizer >/dev/null || echo memcheck; skipped sanitizer >/dev/null || skipped racecheck >/dev/null || echo racecheck); do
   run_limited 90 "$OUT/sanitizer_$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 $PY "$OUT/sanitize_run.py"
   rc=$?; echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
   [ $rc -eq 0 ] || status=1
@@ -144,12 +151,14 @@ pack
 step "training steps of real models (benchmarks/bench_models.py)"
 if ! skipped models; then
   run_limited 150 "$OUT/models_eager.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes eager \
-    --models gpt2 vit_b_16 convnext_tiny swin_t --steps 10 --out "$OUT/models_eager" || status=1
+    --models ${MODELS:-gpt2 vit_b_16 convnext_tiny swin_t} --steps 10 --out "$OUT/models_eager" || status=1
   tail -12 "$OUT/models_eager.log"
   pack
-  run_limited 150 "$OUT/models_compiled.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes compiled \
-    --models gpt2 vit_b_16 --steps 10 --out "$OUT/models_compiled" || status=1
-  tail -6 "$OUT/models_compiled.log"
+  if ! skipped models_compiled; then
+    run_limited 150 "$OUT/models_compiled.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes compiled \
+      --models gpt2 vit_b_16 --steps 10 --out "$OUT/models_compiled" || status=1
+    tail -6 "$OUT/models_compiled.log"
+  fi
 fi
 pack
 
