@@ -20,7 +20,6 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
-#define __grid_constant__
 struct LaunchIndex {
   int64_t x;
 };

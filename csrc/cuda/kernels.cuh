@@ -142,12 +142,9 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
 // Philox group it computed last (a shared mask value, or the next words). The walk is in the
 // output's memory order where the caller needs no logical index (no bias), else in logical
 // order, where the bias column is the logical index modulo the last dim's size.
-//
-// The layout is a __grid_constant__ parameter: the walk indexes its arrays with run-time dims,
-// which would otherwise make every thread copy the whole struct into local memory first.
 template <typename scalar_t, bool kAdd, typename index_t, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads)
-    strided_kernel(Operands<scalar_t> ops, const __grid_constant__ MergedLayout layout, StateSource src, Rule rule) {
+    strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, Rule rule) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;
