@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Tail latency of single CPU dropout calls at 2^24 float32 elements, with and without the
+transparent-huge-page hint on fresh outputs (FUSED_DROPOUT_HUGE_PAGES), on an idle machine
+and beside a neighbour process that fragments memory.
+
+Each setting runs in its own process (the hint is read once per process); the settings take
+turns in rounds, so machine load hits them alike. Per setting: p50, p95 and max over all
+calls, next to torch.mul and x.clone() timed in the same processes.
+
+    python benchmarks/cpu_tail_latency.py [--calls 100] [--rounds 5] [--out runs/cpu_tail_latency]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = r"""
+import json, sys, time, torch, fused_dropout
+calls = int(sys.argv[1])
+x = torch.randn(2**24)
+times = {"fused_dropout": [], "torch.mul": [], "clone": []}
+ops = {"fused_dropout": lambda: fused_dropout.dropout(x, 0.5), "torch.mul": lambda: torch.mul(x, 2.0),
+       "clone": lambda: x.clone()}
+for name, op in ops.items():
+    op()
+for _ in range(calls):
+    for name, op in ops.items():
+        start = time.perf_counter()
+        y = op()
+        times[name].append((time.perf_counter() - start) * 1e3)
+        del y
+print(json.dumps(times))
+"""
+
+NEIGHBOUR = r"""
+import random, time
+import numpy as np
+rng = random.Random(0)
+held = []
+end = time.time() + float(__import__("sys").argv[1])
+while time.time() < end:
+    # Allocate and touch blocks of random sizes, free a random half: the allocator and the
+    # kernel see memory that is mapped and unmapped in pieces all the time.
+    block = np.ones(rng.randint(1, 64) * 2**18, dtype=np.uint8)
+    held.append(block)
+    if len(held) > 40:
+        for _ in range(20):
+            held.pop(rng.randrange(len(held)))
+"""
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def run_round(hint, calls):
+    env = dict(os.environ, FUSED_DROPOUT_HUGE_PAGES="1" if hint else "0", OMP_NUM_THREADS=str(os.cpu_count()))
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, str(calls)], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=20, help="calls per setting per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every setting, taken in turn")
+    parser.add_argument("--out", default="runs/cpu_tail_latency", help="output folder")
+    args = parser.parse_args()
+    results = {}
+    for neighbour in (False, True):
+        proc = None
+        if neighbour:
+            proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "3600"])
+            time.sleep(2)
+        try:
+            collected = {hint: {} for hint in (False, True)}
+            for round_index in range(args.rounds):
+                for hint in (False, True):
+                    for name, values in run_round(hint, args.calls).items():
+                        collected[hint].setdefault(name, []).extend(values)
+                print(f"  {'neighbour' if neighbour else 'idle'}: round {round_index + 1}/{args.rounds}", flush=True)
+        finally:
+            if proc is not None:
+                proc.kill()
+        for hint, by_op in collected.items():
+            for name, values in by_op.items():
+                key = f"{'fragmenting neighbour' if neighbour else 'idle'} | hint {'on' if hint else 'off'} | {name}"
+                results[key] = {
+                    "calls": len(values),
+                    "p50_ms": statistics.median(values),
+                    "p95_ms": percentile(values, 0.95),
+                    "max_ms": max(values),
+                }
+    lines = [
+        f"# CPU tail latency, 2^24 float32, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"{args.rounds} rounds x {args.calls} calls per setting, settings interleaved; each call timed alone.",
+        "",
+        "| machine | huge-page hint | op | calls | p50 ms | p95 ms | max ms |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for key, r in results.items():
+        machine, hint, op = key.split(" | ")
+        lines.append(
+            f"| {machine} | {hint.split()[-1]} | {op} | {r['calls']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+            f"{r['max_ms']:.1f} |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
