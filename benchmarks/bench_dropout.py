@@ -54,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-layouts", action="store_true", help="skip channels_last and dropout2d")
     parser.add_argument("--no-family", action="store_true", help="skip act_dropout, drop_path_add, alpha_dropout")
     parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="runs/bench_dropout", help="output folder")
     return parser.parse_args(argv)
 
@@ -446,8 +447,29 @@ def plot(results, path, title):
     plt.close(fig)
 
 
+def progress_bar(total, quiet):
+    """A progress bar with rate and ETA on a terminal, or None (CI, logs, --quiet)."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="size", dynamic_ncols=True)
+
+
+def quiet_cpu_compile_warning():
+    # torch.compile on a machine without a GPU logs "No CUDA runtime is found, using
+    # CUDA_HOME=..." from torch.utils.cpp_extension in the middle of the tables.
+    import logging
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    quiet_cpu_compile_warning()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and not fused_dropout.has_cuda_kernels():
         sys.exit("bench_dropout: this build of fused_dropout has no CUDA kernels")
@@ -481,9 +503,12 @@ def main(argv=None):
     header = f"Dropout p={p} on {describe(device)}, {time.strftime('%Y-%m-%d')}; median of {reps} runs"
     print(header, flush=True)
     results = []
+    bar = progress_bar(len(dtypes) * len(sizes), args.quiet)
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         for numel in sizes:
+            if bar is not None:
+                bar.set_description(f"{dtype_name} {fmt_size(numel)}")
             if cuda and numel * torch.tensor([], dtype=dtype).element_size() * 24 > free:
                 print(f"  skipping {dtype_name} 2^{numel.bit_length() - 1}: not enough GPU memory", flush=True)
                 continue
@@ -496,13 +521,17 @@ def main(argv=None):
                 rows += measure_family(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
             results += rows
             ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
-            print(
+            (bar.write if bar is not None else print)(
                 f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "
                 f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout",
                 flush=True,
             )
+            if bar is not None:
+                bar.update()
             if cuda:
                 torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
     memory = None
     if cuda and not args.no_mlp:
         memory = {

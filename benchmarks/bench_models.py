@@ -288,6 +288,10 @@ def main():
     parser.add_argument("--out", default="runs/bench_models", help="folder for results.{md,json} and speedup.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args()
+    if not torch.cuda.is_available():  # torch.compile's "No CUDA runtime is found" log line
+        import logging
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     device = torch.device(args.device)
     steps = args.steps or (3 if args.quick else 20)
     warmup = 1 if args.quick and args.warmup == 3 else args.warmup

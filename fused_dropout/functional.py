@@ -36,6 +36,18 @@ def _check_randomness(seed, offset, generator) -> None:
         raise TypeError(f"dropout: generator must be a torch.Generator, got {type(generator).__name__}")
 
 
+def _checked_call(name: str, input, p, seed, offset, generator) -> float:
+    """The checks every random call makes; returns p as a float. The common call (a float p
+    in range, the default generator) pays only three cheap tests."""
+    if type(p) is not float or not 0.0 <= p <= 1.0:
+        p = _check_p(p)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+    if seed is not None or offset != 0 or generator is not None:
+        _check_randomness(seed, offset, generator)
+    return p
+
+
 def dropout(
     input: torch.Tensor,
     p: float = 0.5,
@@ -72,14 +84,7 @@ def dropout(
         Tensor of the input's shape, dtype, device and memory format. Dropped elements are
         exactly ``+0.0``, also where the input is NaN or infinite.
     """
-    # The common call (a float p, the default generator) pays only two cheap tests here;
-    # anything else gets the full checks and their messages.
-    if type(p) is not float or not 0.0 <= p <= 1.0:
-        p = _check_p(p)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
-    if seed is not None or offset != 0 or generator is not None:
-        _check_randomness(seed, offset, generator)
+    p = _checked_call("dropout", input, p, seed, offset, generator)
     if not training or p == 0:
         return input
     if inplace:
@@ -162,12 +167,7 @@ def alpha_dropout(
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    if type(p) is not float or not 0.0 <= p <= 1.0:
-        p = _check_p(p)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"alpha_dropout: input must be a Tensor, got {type(input).__name__}")
-    if seed is not None or offset != 0 or generator is not None:
-        _check_randomness(seed, offset, generator)
+    p = _checked_call("alpha_dropout", input, p, seed, offset, generator)
     if not training or p == 0:
         return input
     output = ops.alpha_dropout(input, p, seed, offset, generator, shared_dims)[0]
@@ -234,12 +234,7 @@ def act_dropout(
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    if type(p) is not float or not 0.0 <= p <= 1.0:
-        p = _check_p(p)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"act_dropout: input must be a Tensor, got {type(input).__name__}")
-    if seed is not None or offset != 0 or generator is not None:
-        _check_randomness(seed, offset, generator)
+    p = _checked_call("act_dropout", input, p, seed, offset, generator)
     if not training or p == 0:
         function = _activation(activation)
         if bias is not None and (bias.dim() != 1 or input.dim() == 0 or bias.shape[0] != input.shape[-1]):

@@ -28,7 +28,7 @@ struct Run {
 using FillWordsFn = void (*)(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words);
 // A run through the float32 output rule (2-byte formats: widened to float32 and narrowed back).
 template <typename T>
-using RunFn = void (*)(const Run<T>& run, const MaskedScale<float, float>& rule);
+using RunFn = void (*)(const Run<T>& run, MaskedScale<float, float> rule);
 
 // The portable words: the scalar Philox in a loop the compiler vectorises.
 void fill_mask_words(uint64_t seed, uint64_t base, uint64_t first_group, int64_t groups, uint32_t* words);
