@@ -41,7 +41,7 @@ def test_a_source_tree_without_a_build_says_what_to_run(tmp_path):
         "class NoBuild:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name in ('fused_dropout._C', 'fused_dropout._build_info'):\n"
-        "            raise ModuleNotFoundError(\"No module named \" + name)\n"
+        '            raise ModuleNotFoundError("No module named " + name)\n'
         "sys.meta_path.insert(0, NoBuild())\n"
         "import fused_dropout\n"
     )
