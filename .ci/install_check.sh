@@ -6,6 +6,8 @@
 #     bash .ci/install_check.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This is the CPU-only path: a CUDA build forced by the caller's environment cannot happen here.
+unset FORCE_CUDA
 SRC=$(pwd)
 WORK=${1:-$(mktemp -d)}
 mkdir -p "$WORK"
