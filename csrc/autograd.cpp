@@ -213,16 +213,26 @@ void record_replay(const at::Tensor& output, const at::Tensor& rng_state, double
   torch::autograd::set_history(output, NodePtr(node));
 }
 
+// A random op with dropout's signature whose backward is the mask replayed with `scale`
+// (none: 1 / (1 - p)).
+std::tuple<at::Tensor, at::Tensor> random_op_autograd(const c10::TypedOperatorHandle<RandomSignature>& op,
+                                                      std::optional<double> scale, const at::Tensor& input, double p,
+                                                      std::optional<int64_t> seed, int64_t offset,
+                                                      std::optional<at::Generator> generator,
+                                                      at::IntArrayRef shared_dims) {
+  auto [output, rng_state] = below_autograd(op, input, p, seed, offset, generator, shared_dims);
+  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, scale, false, input);
+  if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
+    set_tangent(output, replay(tangent, rng_state, p, shared_dims, scale));
+  }
+  return {output, rng_state};
+}
+
 std::tuple<at::Tensor, at::Tensor> dropout_autograd(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                     int64_t offset, std::optional<at::Generator> generator,
                                                     at::IntArrayRef shared_dims) {
   static const auto op = op_handle<RandomSignature>("fused_dropout::dropout");
-  auto [output, rng_state] = below_autograd(op, input, p, seed, offset, generator, shared_dims);
-  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input);
-  if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
-    set_tangent(output, replay(tangent, rng_state, p, shared_dims));
-  }
-  return {output, rng_state};
+  return random_op_autograd(op, std::nullopt, input, p, seed, offset, std::move(generator), shared_dims);
 }
 
 // Alpha dropout's gradient is its a on kept elements, 0 on dropped ones.
@@ -231,13 +241,8 @@ std::tuple<at::Tensor, at::Tensor> alpha_dropout_autograd(const at::Tensor& inpu
                                                           std::optional<at::Generator> generator,
                                                           at::IntArrayRef shared_dims) {
   static const auto op = op_handle<RandomSignature>("fused_dropout::alpha_dropout");
-  auto [output, rng_state] = below_autograd(op, input, p, seed, offset, generator, shared_dims);
   const double a = p < 1.0 ? AlphaRule<float, double>::a_for_p(p) : 0.0;
-  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, a, false, input);
-  if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
-    set_tangent(output, replay(tangent, rng_state, p, shared_dims, a));
-  }
-  return {output, rng_state};
+  return random_op_autograd(op, a, input, p, seed, offset, std::move(generator), shared_dims);
 }
 
 at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,

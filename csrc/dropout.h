@@ -29,8 +29,8 @@ struct MaskLayout {
 // The argument checks of the ops. `op` names the operator in messages, e.g.
 // "fused_dropout::dropout"; every message names the argument, the expectation and the value.
 
-// All checks of dropout's arguments (input, p, seed/offset/generator, shared dims); returns
-// the mask layout.
+// All checks of dropout's and alpha_dropout's arguments (input, p, seed/offset/generator,
+// shared dims); returns the mask layout.
 MaskLayout check_dropout_call(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
                               int64_t offset, const std::optional<at::Generator>& generator,
                               at::IntArrayRef shared_dims);
@@ -49,11 +49,6 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
                                   const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
                                   int64_t offset, const std::optional<at::Generator>& generator,
                                   at::IntArrayRef shared_dims);
-
-// All checks of alpha_dropout's arguments (those of dropout); returns the mask layout.
-MaskLayout check_alpha_dropout_call(const char* op, const at::Tensor& input, double p,
-                                    const std::optional<int64_t>& seed, int64_t offset,
-                                    const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
 
 // All checks of act_dropout's arguments; returns the mask layout and the activation.
 std::pair<MaskLayout, Activation> check_act_dropout_call(const char* op, const at::Tensor& input,

@@ -147,12 +147,6 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
   return mask_layout(op, input, shared_dims);
 }
 
-MaskLayout check_alpha_dropout_call(const char* op, const at::Tensor& input, double p,
-                                    const std::optional<int64_t>& seed, int64_t offset,
-                                    const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims) {
-  return check_dropout_call(op, input, p, seed, offset, generator, shared_dims);
-}
-
 Activation parse_activation(const char* op, c10::string_view name) {
   static const std::pair<const char*, Activation> kNames[] = {{"relu", Activation::kReLU},
                                                               {"gelu", Activation::kGelu},

@@ -41,6 +41,16 @@ def _seed_args(seed: Optional[int], offset: int) -> Tuple[Optional[int], int]:
     return _as_int64_bits(seed), _as_int64_bits(offset)
 
 
+def _random_call(op, args, seed, offset, generator, shared_dims):
+    """``op(*args, seed, offset, generator, shared_dims)``. The common call (the default
+    generator, no shared dims) passes ``args`` alone: the schema fills in the defaults in C++,
+    which parses fewer arguments than passing them from here."""
+    if seed is None and offset == 0 and generator is None and not shared_dims:
+        return op(*args)
+    seed, offset = _seed_args(seed, offset)
+    return op(*args, seed, offset, generator, list(shared_dims))
+
+
 def dropout(
     input: torch.Tensor,
     p: float,
@@ -50,12 +60,7 @@ def dropout(
     shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(output, rng_state)`` of one fused dropout call."""
-    if seed is None and offset == 0 and generator is None and not shared_dims:
-        # The common call: the schema's defaults are filled in C++, which parses fewer
-        # arguments than passing them from here.
-        return _dropout(input, p)
-    seed, offset = _seed_args(seed, offset)
-    return _dropout(input, p, seed, offset, generator, list(shared_dims))
+    return _random_call(_dropout, (input, p), seed, offset, generator, shared_dims)
 
 
 def dropout_state(
@@ -112,10 +117,7 @@ def dropout_add(
     shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(residual + dropout(input + bias), rng_state)`` in one pass."""
-    if seed is None and offset == 0 and generator is None and not shared_dims:
-        return _dropout_add(input, residual, bias, p)
-    seed, offset = _seed_args(seed, offset)
-    return _dropout_add(input, residual, bias, p, seed, offset, generator, list(shared_dims))
+    return _random_call(_dropout_add, (input, residual, bias, p), seed, offset, generator, shared_dims)
 
 
 def alpha_dropout(
@@ -127,8 +129,7 @@ def alpha_dropout(
     shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(output, rng_state)`` of one fused alpha dropout call."""
-    seed, offset = _seed_args(seed, offset)
-    return _alpha_dropout(input, p, seed, offset, generator, list(shared_dims))
+    return _random_call(_alpha_dropout, (input, p), seed, offset, generator, shared_dims)
 
 
 def act_dropout(
@@ -142,10 +143,7 @@ def act_dropout(
     shared_dims: Sequence[int] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dropout(activation(input + bias)), rng_state)`` in one pass."""
-    if seed is None and offset == 0 and generator is None and not shared_dims:
-        return _act_dropout(input, bias, p, activation)
-    seed, offset = _seed_args(seed, offset)
-    return _act_dropout(input, bias, p, activation, seed, offset, generator, list(shared_dims))
+    return _random_call(_act_dropout, (input, bias, p, activation), seed, offset, generator, shared_dims)
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -317,15 +317,21 @@ at::Tensor new_output(const at::Tensor& input) {
   return output;
 }
 
+// A random op with dropout's signature: dropout, or alpha dropout (the rule `spec` names).
+std::tuple<at::Tensor, at::Tensor> random_op_cpu(const char* op, const RuleSpec& spec, const at::Tensor& input,
+                                                 double p, std::optional<int64_t> seed, int64_t offset,
+                                                 std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
+  const MaskLayout layout = check_dropout_call(op, input, p, seed, offset, generator, shared_dims);
+  const RngState state = draw_state(seed, offset, generator);
+  at::Tensor output = new_output(input);
+  dispatch_apply(input, at::Tensor(), output, layout, state, p, spec);
+  return {output, state_tensor(state)};
+}
+
 std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                int64_t offset, std::optional<at::Generator> generator,
                                                at::IntArrayRef shared_dims) {
-  constexpr const char* kOp = "fused_dropout::dropout";
-  const MaskLayout layout = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
-  const RngState state = draw_state(seed, offset, generator);
-  at::Tensor output = new_output(input);
-  dispatch_apply(input, at::Tensor(), output, layout, state, p);
-  return {output, state_tensor(state)};
+  return random_op_cpu("fused_dropout::dropout", {}, input, p, seed, offset, std::move(generator), shared_dims);
 }
 
 at::Tensor dropout_state_cpu(const at::Tensor& input, std::optional<int64_t> seed, int64_t offset,
@@ -359,12 +365,8 @@ at::Tensor& dropout_replay_inplace_cpu(at::Tensor& input, const at::Tensor& rng_
 std::tuple<at::Tensor, at::Tensor> alpha_dropout_cpu(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                      int64_t offset, std::optional<at::Generator> generator,
                                                      at::IntArrayRef shared_dims) {
-  constexpr const char* kOp = "fused_dropout::alpha_dropout";
-  const MaskLayout layout = check_alpha_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
-  const RngState state = draw_state(seed, offset, generator);
-  at::Tensor output = new_output(input);
-  dispatch_apply(input, at::Tensor(), output, layout, state, p, RuleSpec{RuleSpec::Form::kAlpha});
-  return {output, state_tensor(state)};
+  return random_op_cpu("fused_dropout::alpha_dropout", RuleSpec{RuleSpec::Form::kAlpha}, input, p, seed, offset,
+                       std::move(generator), shared_dims);
 }
 
 std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,

@@ -132,17 +132,23 @@ at::PhiloxCudaState reserve_state(const at::Tensor& input, const MaskLayout& mas
 
 at::Tensor new_state_tensor(const at::Tensor& input) { return at::empty({2}, input.options().dtype(at::kLong)); }
 
-std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
-                                                int64_t offset, std::optional<at::Generator> generator,
-                                                at::IntArrayRef shared_dims) {
-  constexpr const char* kOp = "fused_dropout::dropout";
-  const MaskLayout mask = check_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
+// A random op with dropout's signature: dropout, or alpha dropout (the rule `spec` names).
+std::tuple<at::Tensor, at::Tensor> random_op_cuda(const char* op, const RuleSpec& spec, const at::Tensor& input,
+                                                  double p, std::optional<int64_t> seed, int64_t offset,
+                                                  std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
+  const MaskLayout mask = check_dropout_call(op, input, p, seed, offset, generator, shared_dims);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
   dispatch_launch(input, at::Tensor(), output, mask,
-                  StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p);
+                  StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p, spec);
   return {output, rng_state};
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
+                                                int64_t offset, std::optional<at::Generator> generator,
+                                                at::IntArrayRef shared_dims) {
+  return random_op_cuda("fused_dropout::dropout", {}, input, p, seed, offset, std::move(generator), shared_dims);
 }
 
 // Writes a drawn state into rng_state on the device, where it is known under graph capture.
@@ -186,15 +192,8 @@ at::Tensor& dropout_replay_inplace_cuda(at::Tensor& input, const at::Tensor& rng
 std::tuple<at::Tensor, at::Tensor> alpha_dropout_cuda(const at::Tensor& input, double p, std::optional<int64_t> seed,
                                                       int64_t offset, std::optional<at::Generator> generator,
                                                       at::IntArrayRef shared_dims) {
-  constexpr const char* kOp = "fused_dropout::alpha_dropout";
-  const MaskLayout mask = check_alpha_dropout_call(kOp, input, p, seed, offset, generator, shared_dims);
-  const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor output = empty_output_like(input);
-  at::Tensor rng_state = new_state_tensor(input);
-  dispatch_launch(input, at::Tensor(), output, mask,
-                  StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p,
-                  RuleSpec{RuleSpec::Form::kAlpha});
-  return {output, rng_state};
+  return random_op_cuda("fused_dropout::alpha_dropout", RuleSpec{RuleSpec::Form::kAlpha}, input, p, seed, offset,
+                        std::move(generator), shared_dims);
 }
 
 std::tuple<at::Tensor, at::Tensor> act_dropout_cuda(const at::Tensor& input, const std::optional<at::Tensor>& bias,
