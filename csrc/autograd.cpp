@@ -122,6 +122,13 @@ auto below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&... arg
   return op.call(std::forward<Args>(args)...);
 }
 
+// act_dropout's derivative applied to `grad` (a gradient, or a tangent: the op is linear in it
+// at a fixed point): grad * mask * scale * act'(pre), pre = input + bias.
+at::Tensor act_dropout_backward(const at::Tensor& grad, const at::Tensor& rng_state, const at::Tensor& pre, double p,
+                                at::IntArrayRef shared_dims, Activation act) {
+  return activation_backward(replay(grad, rng_state, p, shared_dims), pre, act);
+}
+
 // The backward of dropout, alpha dropout and dropout_add, as a graph node of the kind torch's
 // own generated kernels create (a C++ torch::autograd::Function would be refused under
 // torch.func transforms). It keeps 16 bytes of tensor and turns grad_output into each
@@ -172,14 +179,11 @@ struct ActDropoutBackward : public Node {
     variable_list grad_inputs(num_outputs());
     if (!grads[0].defined()) return grad_inputs;
     const at::Tensor x = input.unpack(), b = bias.unpack();
-    const at::Tensor grad_pre = backward(grads[0], rng_state.unpack(), b.defined() ? x.add(b) : x);
+    const at::Tensor grad_pre =
+        act_dropout_backward(grads[0], rng_state.unpack(), b.defined() ? x.add(b) : x, p, shared_dims, activation);
     if (should_compute_output(0)) grad_inputs[0] = grad_pre;
     if (should_compute_output(1)) grad_inputs[1] = grad_pre.reshape({-1, grad_pre.size(-1)}).sum(0);
     return grad_inputs;
-  }
-
-  at::Tensor backward(const at::Tensor& grad, const at::Tensor& state, const at::Tensor& pre) const {
-    return activation_backward(replay(grad, state, p, shared_dims), pre, activation);
   }
 };
 
@@ -307,21 +311,22 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_autograd(const at::Tensor& input,
   const at::Tensor& b = bias.has_value() ? *bias : no_bias;
   static const auto op = op_handle<ActDropoutSignature>("fused_dropout::act_dropout");
   auto [output, rng_state] = below_autograd(op, input, bias, p, activation, seed, offset, generator, shared_dims);
-  const at::Tensor tangent = sum_defined({tangent_of(&input), tangent_of(&b)}, input);
-  if (!needs_grad({&input, &b}) && !tangent.defined()) return {output, rng_state};
-  auto node = new_node<ActDropoutBackward>(input, b);
-  node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
-  node->input = torch::autograd::SavedVariable(input, /*is_output=*/false);
-  node->bias = torch::autograd::SavedVariable(b, /*is_output=*/false);
-  node->p = p;
-  node->shared_dims = shared_dims.vec();
-  node->activation = parse_activation("fused_dropout::act_dropout", activation);
-  if (tangent.defined()) {
-    const at::Tensor x = primal_of(input), bias_value = primal_of(b);
-    set_tangent(output, node->backward(tangent, rng_state, bias_value.defined() ? x.add(bias_value) : x));
+  const Activation act = parse_activation("fused_dropout::act_dropout", activation);
+  if (needs_grad({&input, &b})) {
+    auto node = new_node<ActDropoutBackward>(input, b);
+    node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
+    node->input = torch::autograd::SavedVariable(input, /*is_output=*/false);
+    node->bias = torch::autograd::SavedVariable(b, /*is_output=*/false);
+    node->p = p;
+    node->shared_dims = shared_dims.vec();
+    node->activation = act;
+    torch::autograd::set_history(output, NodePtr(node));
   }
-
-  if (needs_grad({&input, &b})) torch::autograd::set_history(output, NodePtr(node));
+  if (const at::Tensor tangent = sum_defined({tangent_of(&input), tangent_of(&b)}, input); tangent.defined()) {
+    const at::Tensor x = primal_of(input), bias_value = primal_of(b);
+    const at::Tensor pre = bias_value.defined() ? x.add(bias_value) : x;
+    set_tangent(output, act_dropout_backward(tangent, rng_state, pre, p, shared_dims, act));
+  }
   return {output, rng_state};
 }
 

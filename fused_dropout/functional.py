@@ -122,15 +122,11 @@ def dropout_add(
     Returns:
         Tensor of the input's shape, dtype, device and memory format.
     """
-    if type(p) is not float or not 0.0 <= p <= 1.0:
-        p = _check_p(p)
-    for name, value in (("input", input), ("residual", residual)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"dropout_add: {name} must be a Tensor, got {type(value).__name__}")
+    p = _checked_call("dropout_add", input, p, seed, offset, generator)
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"dropout_add: residual must be a Tensor, got {type(residual).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"dropout_add: bias must be a Tensor or None, got {type(bias).__name__}")
-    if seed is not None or offset != 0 or generator is not None:
-        _check_randomness(seed, offset, generator)
     if not training or p == 0:
         # The op with p = 0 keeps every element: the same checks as in training, the same
         # result as the unfused sum, and no random state drawn.
