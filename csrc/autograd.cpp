@@ -122,11 +122,18 @@ auto below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&... arg
   return op.call(std::forward<Args>(args)...);
 }
 
+using ActDropoutBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               const at::Tensor&, double, c10::string_view, at::IntArrayRef);
+
 // act_dropout's derivative applied to `grad` (a gradient, or a tangent: the op is linear in it
-// at a fixed point): grad * mask * scale * act'(pre), pre = input + bias.
-at::Tensor act_dropout_backward(const at::Tensor& grad, const at::Tensor& rng_state, const at::Tensor& pre, double p,
-                                at::IntArrayRef shared_dims, Activation act) {
-  return activation_backward(replay(grad, rng_state, p, shared_dims), pre, act);
+// at a fixed point): act'(input + bias) * dropout_replay(grad), through the dispatcher, whose
+// autograd kernel below picks the one-pass kernel or the differentiable composition.
+at::Tensor act_dropout_derivative(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& bias,
+                                  const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
+                                  c10::string_view activation) {
+  static const auto op = op_handle<ActDropoutBackwardSignature>("fused_dropout::act_dropout_backward");
+  return op.call(grad, input, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, rng_state, p, activation,
+                 shared_dims);
 }
 
 // The backward of dropout, alpha dropout and dropout_add, as a graph node of the kind torch's
@@ -160,13 +167,13 @@ struct ReplayMaskBackward : public Node {
   }
 };
 
-// The backward of act_dropout: grad * mask * scale * act'(input + bias), with the mask
-// replayed and act' from torch's own activation backward ops (differentiable again).
+// The backward of act_dropout: act'(input + bias) * mask * scale * grad, and for the bias its
+// sum over every dim but the last.
 struct ActDropoutBackward : public Node {
   torch::autograd::SavedVariable rng_state, input, bias;
   double p = 0.0;
   std::vector<int64_t> shared_dims;
-  Activation activation = Activation::kReLU;
+  std::string activation;
 
   std::string name() const override { return "ActDropoutBackward"; }
   void release_variables() override {
@@ -178,9 +185,8 @@ struct ActDropoutBackward : public Node {
   variable_list apply(variable_list&& grads) override {
     variable_list grad_inputs(num_outputs());
     if (!grads[0].defined()) return grad_inputs;
-    const at::Tensor x = input.unpack(), b = bias.unpack();
     const at::Tensor grad_pre =
-        act_dropout_backward(grads[0], rng_state.unpack(), b.defined() ? x.add(b) : x, p, shared_dims, activation);
+        act_dropout_derivative(grads[0], input.unpack(), bias.unpack(), rng_state.unpack(), p, shared_dims, activation);
     if (should_compute_output(0)) grad_inputs[0] = grad_pre;
     if (should_compute_output(1)) grad_inputs[1] = grad_pre.reshape({-1, grad_pre.size(-1)}).sum(0);
     return grad_inputs;
@@ -311,7 +317,6 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_autograd(const at::Tensor& input,
   const at::Tensor& b = bias.has_value() ? *bias : no_bias;
   static const auto op = op_handle<ActDropoutSignature>("fused_dropout::act_dropout");
   auto [output, rng_state] = below_autograd(op, input, bias, p, activation, seed, offset, generator, shared_dims);
-  const Activation act = parse_activation("fused_dropout::act_dropout", activation);
   if (needs_grad({&input, &b})) {
     auto node = new_node<ActDropoutBackward>(input, b);
     node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
@@ -319,15 +324,32 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_autograd(const at::Tensor& input,
     node->bias = torch::autograd::SavedVariable(b, /*is_output=*/false);
     node->p = p;
     node->shared_dims = shared_dims.vec();
-    node->activation = act;
+    node->activation = std::string(activation);
     torch::autograd::set_history(output, NodePtr(node));
   }
   if (const at::Tensor tangent = sum_defined({tangent_of(&input), tangent_of(&b)}, input); tangent.defined()) {
-    const at::Tensor x = primal_of(input), bias_value = primal_of(b);
-    const at::Tensor pre = bias_value.defined() ? x.add(bias_value) : x;
-    set_tangent(output, act_dropout_backward(tangent, rng_state, pre, p, shared_dims, act));
+    set_tangent(output,
+                act_dropout_derivative(tangent, primal_of(input), primal_of(b), rng_state, p, shared_dims, activation));
   }
   return {output, rng_state};
+}
+
+// The one-pass kernel where nothing differentiates the result; otherwise (double backward, a
+// tangent of a tangent) the composition of differentiable ops: the replayed gradient, then
+// torch's activation backward at input + bias.
+at::Tensor act_dropout_backward_autograd(const at::Tensor& grad, const at::Tensor& input,
+                                         const std::optional<at::Tensor>& bias, const at::Tensor& rng_state, double p,
+                                         c10::string_view activation, at::IntArrayRef shared_dims) {
+  const at::Tensor no_bias;
+  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  const bool differentiated = needs_grad({&grad, &input, &b}) || tangent_of(&grad).defined() ||
+                              tangent_of(&input).defined() || tangent_of(&b).defined();
+  if (!differentiated) {
+    static const auto op = op_handle<ActDropoutBackwardSignature>("fused_dropout::act_dropout_backward");
+    return below_autograd(op, grad, input, bias, rng_state, p, activation, shared_dims);
+  }
+  const Activation act = parse_activation("fused_dropout::act_dropout_backward", activation);
+  return activation_backward(replay(grad, rng_state, p, shared_dims), b.defined() ? input.add(b) : input, act);
 }
 
 }  // namespace
@@ -341,4 +363,5 @@ TORCH_LIBRARY_IMPL(fused_dropout, Autograd, m) {
   m.impl("dropout_add", &fused_dropout::dropout_add_autograd);
   m.impl("alpha_dropout", &fused_dropout::alpha_dropout_autograd);
   m.impl("act_dropout", &fused_dropout::act_dropout_autograd);
+  m.impl("act_dropout_backward", &fused_dropout::act_dropout_backward_autograd);
 }

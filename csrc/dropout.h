@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -58,6 +59,11 @@ std::pair<MaskLayout, Activation> check_act_dropout_call(const char* op, const a
                                                          const std::optional<at::Generator>& generator,
                                                          at::IntArrayRef shared_dims);
 
+// All checks of act_dropout_backward's arguments; returns the mask layout and the activation.
+std::pair<MaskLayout, Activation> check_act_dropout_backward_call(
+    const char* op, const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& bias,
+    const at::Tensor& rng_state, double p, c10::string_view activation, at::IntArrayRef shared_dims);
+
 // The activation act_dropout's `activation` argument names; a clear error for any other name.
 Activation parse_activation(const char* op, c10::string_view name);
 
@@ -68,6 +74,23 @@ struct RuleSpec {
   Activation activation = Activation::kReLU;
   std::optional<double> scale;  // kDropout only: replaces 1 / (1 - p), as alpha dropout's backward needs
 };
+
+// Calls f(std::integral_constant<Activation, act>{}): the activation as a template argument.
+template <typename F>
+void visit_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kReLU:
+      return f(std::integral_constant<Activation, Activation::kReLU>{});
+    case Activation::kGelu:
+      return f(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh:
+      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kSiLU:
+      return f(std::integral_constant<Activation, Activation::kSiLU>{});
+    case Activation::kSquaredReLU:
+      return f(std::integral_constant<Activation, Activation::kSquaredReLU>{});
+  }
+}
 
 // Calls f(rule) with the output rule of `spec` for scalar_t and drop probability p.
 template <typename scalar_t, typename F>
@@ -81,19 +104,16 @@ void visit_rule(const RuleSpec& spec, double p, F&& f) {
     case RuleSpec::Form::kAlpha:
       return f(AlphaRule<scalar_t, acc_t>::for_p(p));
     case RuleSpec::Form::kAct:
-      switch (spec.activation) {
-        case Activation::kReLU:
-          return f(ActRule<Activation::kReLU, scalar_t, acc_t>{mask});
-        case Activation::kGelu:
-          return f(ActRule<Activation::kGelu, scalar_t, acc_t>{mask});
-        case Activation::kGeluTanh:
-          return f(ActRule<Activation::kGeluTanh, scalar_t, acc_t>{mask});
-        case Activation::kSiLU:
-          return f(ActRule<Activation::kSiLU, scalar_t, acc_t>{mask});
-        case Activation::kSquaredReLU:
-          return f(ActRule<Activation::kSquaredReLU, scalar_t, acc_t>{mask});
-      }
+      return visit_activation(spec.activation, [&](auto act) { f(ActRule<act(), scalar_t, acc_t>{mask}); });
   }
+}
+
+// Calls f(rule) with act_dropout_backward's two-operand rule (forms.h, ActGradRule).
+template <typename scalar_t, typename F>
+void visit_act_grad_rule(Activation activation, double p, F&& f) {
+  using acc_t = acc_type<scalar_t>;
+  visit_activation(activation,
+                   [&](auto act) { f(ActGradRule<act(), scalar_t, acc_t>{MaskedScale<scalar_t, acc_t>::for_p(p)}); });
 }
 
 // True for the rules that take a bias (added to the input, rounded, before the rule).

@@ -81,11 +81,14 @@ enum class Activation : int { kReLU = 0, kGelu, kGeluTanh, kSiLU, kSquaredReLU }
 
 template <Activation kAct, typename acc_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t activate(acc_t x) {
-  if constexpr (kAct == Activation::kReLU || kAct == Activation::kSquaredReLU) {
-    // NaN stays NaN, as in torch's relu; -0.0 becomes +0.0.
-    const acc_t relu = x > acc_t(0) ? x : (x != x ? x : acc_t(0));
-    if constexpr (kAct == Activation::kReLU) return relu;
-    return relu * relu;
+  // The ReLU forms are written as one select of values computed up front: GCC vectorises
+  // that, but not a select whose operand is itself a select (it branches instead).
+  // NaN stays NaN, as in torch's relu; -0.0 becomes +0.0.
+  if constexpr (kAct == Activation::kReLU) {
+    return x > acc_t(0) || x != x ? x : acc_t(0);
+  } else if constexpr (kAct == Activation::kSquaredReLU) {
+    const acc_t square = x * x;
+    return x > acc_t(0) || x != x ? square : acc_t(0);
   } else if constexpr (kAct == Activation::kGelu) {
     constexpr acc_t kSqrtHalf = acc_t(0.70710678118654752440);
     return x * acc_t(0.5) * (acc_t(1) + math::erf(x * kSqrtHalf));
@@ -107,6 +110,53 @@ struct ActRule {
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
     return mask(static_cast<scalar_t>(activate<kAct>(static_cast<acc_t>(x))), word);
+  }
+};
+
+// act'(x) * dy in the accumulation type, written as torch's activation backward kernels write
+// them (ATen's GeluKernel and Activation.cpp; squared ReLU as torch's autograd of
+// relu(x)^2 computes it, dy * relu(x) * 2, with each product rounded to the dtype).
+template <Activation kAct, typename scalar_t, typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t activation_backward(scalar_t grad, scalar_t input) {
+  const acc_t dy = static_cast<acc_t>(grad), x = static_cast<acc_t>(input);
+  if constexpr (kAct == Activation::kReLU) {
+    // threshold_backward: x <= 0 gives 0, so NaN inputs pass the gradient.
+    return x > acc_t(0) || x != x ? grad : scalar_t(0);
+  } else if constexpr (kAct == Activation::kSquaredReLU) {
+    const acc_t relu = x > acc_t(0) || x != x ? x : acc_t(0);
+    return static_cast<scalar_t>(static_cast<acc_t>(static_cast<scalar_t>(math::mul_rn(dy, relu))) * acc_t(2));
+  } else if constexpr (kAct == Activation::kGelu) {
+    constexpr acc_t kBeta = acc_t(0.39894228040143267794);   // 1 / sqrt(2 pi)
+    constexpr acc_t kAlpha = acc_t(0.70710678118654752440);  // sqrt(1 / 2)
+    const acc_t cdf = acc_t(0.5) * (acc_t(1) + math::erf(x * kAlpha));
+    const acc_t pdf = kBeta * math::exp(x * x * acc_t(-0.5));
+    return static_cast<scalar_t>(dy * (cdf + x * pdf));
+  } else if constexpr (kAct == Activation::kGeluTanh) {
+    constexpr acc_t kBeta = acc_t(0.79788456080286535588);  // sqrt(2 / pi)
+    constexpr acc_t kKappa = acc_t(0.044715);
+    const acc_t x_sq = x * x;
+    const acc_t x_cube = x_sq * x;
+    const acc_t inner = kBeta * (x + kKappa * x_cube);
+    const acc_t tanh_inner = math::tanh(inner);
+    const acc_t left_derivative = acc_t(0.5) * (acc_t(1) + tanh_inner);
+    const acc_t right_derivative = acc_t(1) - tanh_inner * tanh_inner;
+    const acc_t inner_derivative = kBeta * (acc_t(1) + acc_t(3) * kKappa * x_sq);
+    return static_cast<scalar_t>(dy * (left_derivative + acc_t(0.5) * x * right_derivative * inner_derivative));
+  } else {
+    const acc_t sigmoid = acc_t(1) / (acc_t(1) + math::exp(-x));
+    return static_cast<scalar_t>(dy * sigmoid * (acc_t(1) + x * (acc_t(1) - sigmoid)));
+  }
+}
+
+// act_dropout's backward in one pass: the gradient through the forward's mask and scale,
+// rounded to the dtype as dropout_replay rounds it, then the activation's backward at the
+// forward's input + bias. It is a two-operand rule: combine(grad, input + bias, word).
+template <Activation kAct, typename scalar_t, typename acc_t>
+struct ActGradRule {
+  MaskedScale<scalar_t, acc_t> mask;
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t combine(scalar_t grad, scalar_t pre, uint32_t word) const {
+    return activation_backward<kAct, scalar_t, acc_t>(mask(grad, word), pre);
   }
 };
 

@@ -173,6 +173,22 @@ std::pair<MaskLayout, Activation> check_act_dropout_call(const char* op, const a
   return {mask_layout(op, input, shared_dims), act};
 }
 
+std::pair<MaskLayout, Activation> check_act_dropout_backward_call(
+    const char* op, const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& bias,
+    const at::Tensor& rng_state, double p, c10::string_view activation, at::IntArrayRef shared_dims) {
+  const Activation act = parse_activation(op, activation);
+  check_input_and_p(op, input, p);
+  TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad must have the input's shape ", input.sizes(), ", got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad must have the input's dtype ", input.scalar_type(),
+              ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == input.device(), op, ": grad must be on the input's device ", input.device(), ", got ",
+              grad.device());
+  check_bias(op, input, bias);
+  check_rng_state(op, input, rng_state);
+  return {mask_layout(op, input, shared_dims), act};
+}
+
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
                            const at::Tensor& residual, WalkOrder order) {
   const int64_t* residual_strides = residual.defined() ? residual.strides().data() : input.strides().data();
@@ -240,6 +256,11 @@ TORCH_LIBRARY(fused_dropout, m) {
       "act_dropout(Tensor input, Tensor? bias, float p, str activation, int? seed=None, int offset=0, "
       "Generator? generator=None, int[] shared_dims=[]) -> (Tensor output, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
+  // act_dropout's backward in one pass: act'(input + bias) * dropout_replay(grad). Its own
+  // autograd (double backward, forward AD) goes through the differentiable composition.
+  m.def(
+      "act_dropout_backward(Tensor grad, Tensor input, Tensor? bias, Tensor rng_state, float p, str activation, "
+      "int[] shared_dims=[]) -> Tensor");
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }
 

@@ -137,7 +137,7 @@ struct MaskedScale {
   // residual + dropout(x) with the roundings of those two ops done one by one, so the fused
   // op equals the unfused composition bit for bit in every dtype. The bit-select between the
   // multiply and the add also keeps compilers from contracting them into an FMA.
-  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t add_to(scalar_t residual, scalar_t x, uint32_t word) const {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t combine(scalar_t residual, scalar_t x, uint32_t word) const {
     return static_cast<scalar_t>(static_cast<acc_t>(residual) + static_cast<acc_t>((*this)(x, word)));
   }
 };

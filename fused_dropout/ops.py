@@ -23,6 +23,7 @@ _dropout_replay_ = _lib.dropout_replay_.default
 _dropout_add = _lib.dropout_add.default
 _alpha_dropout = _lib.alpha_dropout.default
 _act_dropout = _lib.act_dropout.default
+_act_dropout_backward = _lib.act_dropout_backward.default
 
 # The activations act_dropout fuses, by the names its `activation` argument takes.
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu")
@@ -146,6 +147,20 @@ def act_dropout(
     return _random_call(_act_dropout, (input, bias, p, activation), seed, offset, generator, shared_dims)
 
 
+def act_dropout_backward(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    rng_state: torch.Tensor,
+    p: float,
+    activation: str,
+    shared_dims: Sequence[int] = (),
+) -> torch.Tensor:
+    """The gradient of :func:`act_dropout` at ``input`` (and ``bias``) for the call that drew
+    ``rng_state``: ``activation'(input + bias) * dropout_replay(grad, rng_state, p)`` in one pass."""
+    return _act_dropout_backward(grad, input, bias, rng_state, p, activation, list(shared_dims))
+
+
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Raw Philox4x32-10: counter int64[N, 4] and key int64[N, 2] of 32-bit words -> int64[N, 4]."""
     return _lib.philox4x32_10.default(counter, key)
@@ -175,6 +190,11 @@ def _alpha_dropout_fake(input, p, seed=None, offset=0, generator=None, shared_di
 @torch.library.register_fake("fused_dropout::act_dropout")
 def _act_dropout_fake(input, bias, p, activation, seed=None, offset=0, generator=None, shared_dims=()):
     return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fused_dropout::act_dropout_backward")
+def _act_dropout_backward_fake(grad, input, bias, rng_state, p, activation, shared_dims=()):
+    return torch.empty_like(input)
 
 
 @torch.library.register_fake("fused_dropout::dropout_replay_")
@@ -323,3 +343,22 @@ def _act_dropout_vmap(info, in_dims, input, bias, p, activation, seed=None, offs
     if per_sample:
         return (output, rng_state.expand(info.batch_size, 2)), (0, 0)
     return (output, rng_state), (0, None)
+
+
+@torch.library.register_vmap("fused_dropout::act_dropout_backward")
+def _act_dropout_backward_vmap(info, in_dims, grad, input, bias, rng_state, p, activation, shared_dims=()):
+    grad_bdim, input_bdim, bias_bdim, state_bdim = in_dims
+    per_sample = state_bdim is not None
+    if grad_bdim is None and input_bdim is None and bias_bdim is None and not per_sample:
+        return _act_dropout_backward(grad, input, bias, rng_state, p, activation, list(shared_dims)), None
+    batch = info.batch_size
+    g = _batch_first(grad, grad_bdim, batch)
+    x = _batch_first(input, input_bdim, batch)
+    if bias_bdim is not None:
+        # The forward's rounding of input + bias, per sample.
+        per_sample_bias = bias.movedim(bias_bdim, 0)
+        x = x + per_sample_bias.reshape(batch, *([1] * (x.dim() - 2)), per_sample_bias.shape[-1])
+        bias = None
+    state = rng_state.select(state_bdim, 0) if per_sample else rng_state
+    dims = _batched_dims(shared_dims, per_sample)
+    return _act_dropout_backward(g, x, bias, state, p, activation, dims), 0

@@ -51,7 +51,7 @@ auto test_rule() {
   if constexpr (kRule == TestRule::kGelu) return ActRule<Activation::kGelu, T, acc_type<T>>{OutputRule<T>::for_p(0.3)};
 }
 
-template <typename T, bool kAligned, bool kAdd, bool kBias, TestRule kRule = TestRule::kDropout>
+template <typename T, bool kAligned, bool kPair, bool kBias, TestRule kRule = TestRule::kDropout>
 bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt19937& gen) {
   std::normal_distribution<float> normal;
   const auto fresh = [&](size_t n) {
@@ -72,20 +72,20 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   T* out = aligned(out_buffer.data());
   const auto rule = test_rule<T, kRule>();
   const HostState state{0x9E3779B97F4A7C15ull, (uint64_t{1} << 32) - 3};  // the counter carries mid-call
-  const Operands<T> ops{x, kAdd ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
+  const Operands<T> ops{x, kPair ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
 
   constexpr int64_t kStep = step_elems<T>();
   const int64_t blocks = std::max<int64_t>(1, ((numel + kStep - 1) / kStep + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
-      contiguous_kernel<T, kAligned, kAdd, kBias>(ops, state, rule);
+      contiguous_kernel<T, kAligned, kPair, kBias>(ops, state, rule);
     }
   }
   for (int64_t i = 0; i < numel; ++i) {
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(i / 4)).w[i % 4];
     const T v = kBias ? plus_bias(x[i], bias[i % last_size]) : x[i];
-    if constexpr (kAdd) {
-      want[misalign + i] = rule.add_to(r[i], v, word);
+    if constexpr (kPair) {
+      want[misalign + i] = rule.combine(r[i], v, word);
     } else {
       want[misalign + i] = rule(v, word);
     }
@@ -93,7 +93,7 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   if (std::memcmp(out, want.data(), want.size() * sizeof(T)) == 0) return true;
   std::printf(
       "differs: %zu-byte type, numel %lld, last dim %lld, offset %d elements, aligned=%d add=%d bias=%d rule=%d\n",
-      sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), misalign, kAligned, kAdd, kBias,
+      sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), misalign, kAligned, kPair, kBias,
       static_cast<int>(kRule));
   return false;
 }
@@ -169,9 +169,9 @@ int64_t span(const std::vector<int64_t>& sizes, const std::vector<int64_t>& stri
   return last + 1;
 }
 
-template <typename T, bool kAdd, TestRule kRule = TestRule::kDropout>
+template <typename T, bool kPair, TestRule kRule = TestRule::kDropout>
 bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
-  constexpr bool kBias = kAdd || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
+  constexpr bool kBias = kPair || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
   const std::vector<int64_t> res_strides = c.res.empty() ? row_major(c.sizes) : c.res;
   const std::vector<int64_t> mask = mask_strides(c.sizes, c.shared_dims);
   const int64_t numel = std::accumulate(c.sizes.begin(), c.sizes.end(), int64_t{1}, std::multiplies<>());
@@ -186,7 +186,7 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   std::vector<T> out(span(c.sizes, c.out), T(7.0f)), want(out);
   const auto rule = test_rule<T, kRule>();
   const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
-  const Operands<T> ops{in.data(),     kAdd ? res.data() : nullptr, kBias ? bias.data() : nullptr, out.data(), numel,
+  const Operands<T> ops{in.data(),     kPair ? res.data() : nullptr, kBias ? bias.data() : nullptr, out.data(), numel,
                         c.sizes.back()};
   // As dropout_cuda.cu launches it: in the output's memory order unless a bias needs the
   // logical index, with 32- or 64-bit index math.
@@ -198,9 +198,9 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
       if (c.wide_index) {
-        strided_kernel<T, kAdd, uint64_t>(ops, layout, state, rule);
+        strided_kernel<T, kPair, uint64_t>(ops, layout, state, rule);
       } else {
-        strided_kernel<T, kAdd, uint32_t>(ops, layout, state, rule);
+        strided_kernel<T, kPair, uint32_t>(ops, layout, state, rule);
       }
     }
   }
@@ -218,15 +218,15 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
     }
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
     const T v = kBias ? plus_bias(in[in_offset], bias[column]) : in[in_offset];
-    if constexpr (kAdd) {
-      want[out_offset] = rule.add_to(res[res_offset], v, word);
+    if constexpr (kPair) {
+      want[out_offset] = rule.combine(res[res_offset], v, word);
     } else {
       want[out_offset] = rule(v, word);
     }
   }
   if (std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0) return true;
   std::printf("differs: strided kernel, %zu-byte type, %s, add=%d rule=%d (merged into %lld dims)\n", sizeof(T),
-              c.name.c_str(), kAdd, static_cast<int>(kRule), static_cast<long long>(layout.ndim));
+              c.name.c_str(), kPair, static_cast<int>(kRule), static_cast<long long>(layout.ndim));
   return false;
 }
 

@@ -204,6 +204,97 @@ def test_inplace_alpha_dropout():
     assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "shared"])
+def test_act_dropout_backward_matches_torchs_autograd(device, dtype, activation, layout):
+    # The one-pass backward against torch's autograd of the composition it replaces: the
+    # reference mask times the scale times torch's activation of x + bias.
+    shape, shared = (3, 5, 4, 16), [1] if layout == "shared" else []
+    x = random_input(shape, dtype, device) * 3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    b = random_input((16,), dtype, device, seed=1).requires_grad_(True)
+    out = fused_dropout.ops.act_dropout(x, b, 0.3, activation, SEED, 0, None, shared)[0]
+    grad = random_input(shape, dtype, device, seed=2)
+    got = torch.autograd.grad(out, (x, b), grad)
+
+    xc, bc = x.detach().cpu().requires_grad_(True), b.detach().cpu().requires_grad_(True)
+    keep = torch.from_numpy(reference.keep_mask(reference.mask_shape(shape, shared), 0.3, SEED)).expand(shape)
+    scale = torch.tensor(1 / 0.7, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    # dropout's rounding of the gradient (cast(grad * scale) where kept), then act' at x + b.
+    masked = torch.where(keep, (grad.cpu().to(scale.dtype) * scale).to(dtype), torch.zeros((), dtype=dtype))
+    want = torch.autograd.grad(TORCH_ACTIVATIONS[activation](xc + bc), (xc, bc), masked)
+    assert got[0].stride() == x.stride()
+    torch.testing.assert_close(got[0].cpu(), want[0])
+    torch.testing.assert_close(got[1].cpu(), want[1])
+
+
+def _ops_run_by(fn):
+    """The fused_dropout ops that fn() dispatches to, by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fused_dropout":
+                seen.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_act_dropout_backward_is_one_op_unless_differentiated(activation):
+    x = random_input((8, 16), torch.float64).requires_grad_(True)
+    b = random_input((16,), torch.float64, seed=1).requires_grad_(True)
+    out = fused_dropout.act_dropout(x, 0.4, activation=activation, bias=b, seed=SEED)
+    grad = random_input((8, 16), torch.float64, seed=2)
+    ran = _ops_run_by(lambda: torch.autograd.grad(out, (x, b), grad, retain_graph=True))
+    assert ran == ["act_dropout_backward"]
+    # With create_graph the gradient must itself be differentiable: the composition of
+    # differentiable ops runs, and gives the same values.
+    one_pass = torch.autograd.grad(out, (x, b), grad, retain_graph=True)
+    ran = _ops_run_by(lambda: torch.autograd.grad(out, (x, b), grad, create_graph=True))
+    assert "act_dropout_backward" not in ran and "dropout_replay" in ran
+    composed = torch.autograd.grad(out, (x, b), grad, create_graph=True)
+    for a, c in zip(one_pass, composed):
+        torch.testing.assert_close(a, c)
+
+
+def test_act_dropout_backward_with_batched_grads():
+    x = random_input((6, 16), torch.float32).requires_grad_(True)
+    b = random_input((16,), torch.float32, seed=1).requires_grad_(True)
+    out = fused_dropout.act_dropout(x, 0.4, activation="gelu", bias=b, seed=SEED)
+    grads = random_input((3, 6, 16), torch.float32, seed=2)
+    batched = torch.autograd.grad(out, (x, b), grads, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        single = torch.autograd.grad(out, (x, b), grads[i], retain_graph=True)
+        torch.testing.assert_close(batched[0][i], single[0])
+        torch.testing.assert_close(batched[1][i], single[1])
+
+
+def test_act_dropout_backward_bad_arguments():
+    x = random_input((4, 8), torch.float32)
+    state = torch.tensor([1, 0])
+    backward = fused_dropout.ops.act_dropout_backward
+    with pytest.raises(RuntimeError, match=r"grad must have the input's shape \[4, 8\], got \[4, 7\]"):
+        backward(x[:, :7], x, None, state, 0.5, "gelu")
+    with pytest.raises(RuntimeError, match="grad must have the input's dtype Float, got Double"):
+        backward(x.double(), x, None, state, 0.5, "gelu")
+    with pytest.raises(ValueError, match="activation must be one of .* got 'tanh'"):
+        backward(x, x, None, state, 0.5, "tanh")
+    with pytest.raises(RuntimeError, match=r"bias must be 1-D with the size of the input's last dim \(8\)"):
+        backward(x, x, x[0, :3], state, 0.5, "gelu")
+    with pytest.raises(RuntimeError, match="rng_state must be an int64 tensor of shape"):
+        backward(x, x, None, state.int(), 0.5, "gelu")
+
+
 # The torch machinery, for the new ops.
 
 
@@ -218,6 +309,9 @@ def test_opcheck_the_family(device, requires_grad):
         torch.library.opcheck(ops.act_dropout.default, (x, bias, 0.3, activation, 5, 0, None))
     rng_state = torch.tensor([7, 1], dtype=torch.int64, device=device)
     torch.library.opcheck(ops.dropout_replay.default, (x, rng_state, 0.3, [], 1.25))
+    grad = random_input((3, 5, 8), torch.float32, device, seed=2)
+    for activation in ACTIVATIONS:
+        torch.library.opcheck(ops.act_dropout_backward.default, (grad, x, bias, rng_state, 0.3, activation, [1]))
 
 
 def test_compile_and_vmap_the_family():

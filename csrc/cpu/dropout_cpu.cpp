@@ -17,7 +17,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -113,37 +115,47 @@ Run<uint16_t> as_bits(const Run<scalar_t>& run) {
 
 // One contiguous run (simd.h): the AVX-512 loops where the CPU has them (plain dropout and
 // dropout_add), else a loop the compiler vectorises.
-template <typename scalar_t, bool kAdd, typename Rule>
+template <typename scalar_t, bool kPair, typename Rule>
 void apply_run(const Run<scalar_t>& run, const Rule& rule) {
   const Avx512Loops* simd = std::is_same_v<Rule, OutputRule<scalar_t>> ? simd_loops() : nullptr;
   if constexpr (std::is_same_v<Rule, OutputRule<scalar_t>>) {
     if (simd != nullptr) {
-      if constexpr (std::is_same_v<scalar_t, float> && !kAdd) return simd->dropout_float(run, rule);
+      if constexpr (std::is_same_v<scalar_t, float> && !kPair) return simd->dropout_float(run, rule);
       if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
         const TwoByteLoops& loops = std::is_same_v<scalar_t, c10::Half> ? simd->half : simd->bfloat16;
-        return (kAdd ? loops.dropout_add : loops.dropout)(as_bits(run),
-                                                          MaskedScale<float, float>{rule.keep, rule.scale});
+        return (kPair ? loops.dropout_add : loops.dropout)(as_bits(run),
+                                                           MaskedScale<float, float>{rule.keep, rule.scale});
       }
     }
   }
-  if (!kAdd && run.bias == nullptr) {
-    for (int64_t i = 0; i < run.count; ++i) run.y[i] = rule(run.x[i], run.words[i]);
-    return;
-  }
-  int64_t column = run.column;
-  for (int64_t i = 0; i < run.count; ++i) {
-    scalar_t x = run.x[i];
-    if (run.bias != nullptr) x = plus_bias(x, run.bias[column]);
-    if constexpr (kAdd) {
-      run.y[i] = rule.add_to(run.residual[i], x, run.words[i]);
+  // One row segment at a time, so the bias index is the loop index plus a constant and the
+  // loop vectorises.
+  const int64_t row_size = run.bias != nullptr ? run.last_size : run.count;
+  for (int64_t i = 0, column = run.bias != nullptr ? run.column : 0; i < run.count; column = 0) {
+    const int64_t n = std::min(run.count - i, row_size - column);
+    const scalar_t* x = run.x + i;
+    scalar_t* y = run.y + i;
+    const uint32_t* words = run.words + i;
+    if (run.bias == nullptr) {
+      if constexpr (kPair) {
+        for (int64_t j = 0; j < n; ++j) y[j] = rule.combine(run.residual[i + j], x[j], words[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) y[j] = rule(x[j], words[j]);
+      }
     } else {
-      run.y[i] = rule(x, run.words[i]);
+      const scalar_t* bias = run.bias + column;
+      if constexpr (kPair) {
+        for (int64_t j = 0; j < n; ++j) y[j] = rule.combine(run.residual[i + j], plus_bias(x[j], bias[j]), words[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) y[j] = rule(plus_bias(x[j], bias[j]), words[j]);
+      }
     }
-    if (++column == run.last_size) column = 0;
+    i += n;
   }
 }
 
-// The operands of one call: plain dropout reads `in`; dropout_add also `res` and `bias`.
+// The operands of one call: plain dropout reads `in`; the two-operand rules also `res`
+// (dropout_add's residual, act_dropout_backward's gradient), and `bias` where given.
 template <typename scalar_t>
 struct CpuOperands {
   const scalar_t* in;
@@ -160,21 +172,30 @@ struct CpuOperands {
         last_size(input.dim() > 0 ? input.size(-1) : 1) {}
 };
 
-// Row-major operands and a full mask: the mask index is the memory index, so the random
-// words come in batches of whole Philox groups and every batch is one contiguous run.
-template <typename scalar_t, bool kAdd, typename Rule>
+// The row-major elements [first, first + count) of the operands (first a multiple of 4): the
+// random words in batches of whole Philox groups, each batch one contiguous run.
+template <typename scalar_t, bool kPair, typename Rule>
+void apply_row_major_range(const CpuOperands<scalar_t>& ops, int64_t first, int64_t count, RngState state,
+                           const Rule& rule) {
+  alignas(64) uint32_t words[4 * kBatchGroups];
+  for (int64_t done = 0; done < count; done += 4 * kBatchGroups) {
+    const int64_t at = first + done;
+    const int64_t n = std::min(4 * kBatchGroups, count - done);
+    fill_words(state.seed, state.base, static_cast<uint64_t>(at / 4), (n + 3) / 4, words);
+    apply_run<scalar_t, kPair>({ops.in + at, kPair ? ops.res + at : nullptr, ops.bias, at % ops.last_size,
+                                ops.last_size, ops.out + at, words, n},
+                               rule);
+  }
+}
+
+// Row-major operands and a full mask: the mask index is the memory index, so the work splits
+// into ranges of whole Philox groups.
+template <typename scalar_t, bool kPair, typename Rule>
 void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state, const Rule& rule) {
   const int64_t groups = static_cast<int64_t>(counters_for(numel));
   at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
-    alignas(64) uint32_t words[4 * kBatchGroups];
-    for (int64_t g = group_begin; g < group_end; g += kBatchGroups) {
-      const int64_t batch = std::min(kBatchGroups, group_end - g);
-      fill_words(state.seed, state.base, static_cast<uint64_t>(g), batch, words);
-      const int64_t first = g * 4;
-      apply_run<scalar_t, kAdd>({ops.in + first, kAdd ? ops.res + first : nullptr, ops.bias, first % ops.last_size,
-                                 ops.last_size, ops.out + first, words, std::min(batch * 4, numel - first)},
-                                rule);
-    }
+    apply_row_major_range<scalar_t, kPair>(ops, group_begin * 4, std::min(group_end * 4, numel) - group_begin * 4,
+                                           state, rule);
   });
 }
 
@@ -205,19 +226,19 @@ const uint32_t* draw_run_words(RngState state, int64_t first_index, int64_t step
 // elements of the inner runs; each chunk's words are drawn; the output rule runs on the
 // chunk in place where it is contiguous, or on a gathered copy that is then scattered back,
 // so that strided runs take the vector loops too.
-template <typename scalar_t, bool kAdd, typename Rule>
+template <typename scalar_t, bool kPair, typename Rule>
 void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout, int64_t numel, RngState state,
                    const Rule& rule) {
   const int64_t inner = layout.inner();
   const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
   const int64_t in_step = layout.inner_stride(kIn), out_step = layout.inner_stride(kOut);
   const int64_t mask_step = layout.inner_stride(kMask), res_step = layout.inner_stride(kRes);
-  const bool contiguous_run = in_step == 1 && out_step == 1 && (!kAdd || res_step == 1);
+  const bool contiguous_run = in_step == 1 && out_step == 1 && (!kPair || res_step == 1);
   const int64_t grain = std::max<int64_t>(1, kGrainGroups * 4 / std::min(inner, kChunk));
   at::parallel_for(0, numel / inner * chunks_per_row, grain, [&](int64_t unit_begin, int64_t unit_end) {
     alignas(64) uint32_t group_words[4 * (kBatchGroups + 1)];
     alignas(64) uint32_t words[kChunk];
-    alignas(64) scalar_t x_run[kChunk], res_run[kAdd ? kChunk : 1], y_run[kChunk];
+    alignas(64) scalar_t x_run[kChunk], res_run[kPair ? kChunk : 1], y_run[kChunk];
     RowWalk walk{layout};
     int64_t row = unit_begin / chunks_per_row;
     walk.seek(row);
@@ -231,18 +252,18 @@ void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout,
       const uint32_t* run_words =
           draw_run_words(state, walk.offset[kMask] + start * mask_step, mask_step, count, group_words, words);
       const scalar_t* x = ops.in + walk.offset[kIn] + start * in_step;
-      const scalar_t* r = kAdd ? ops.res + walk.offset[kRes] + start * res_step : nullptr;
+      const scalar_t* r = kPair ? ops.res + walk.offset[kRes] + start * res_step : nullptr;
       scalar_t* y = ops.out + walk.offset[kOut] + start * out_step;
       const int64_t column = (row * inner + start) % ops.last_size;  // the logical index's place in the last dim
       if (contiguous_run) {
-        apply_run<scalar_t, kAdd>({x, r, ops.bias, column, ops.last_size, y, run_words, count}, rule);
+        apply_run<scalar_t, kPair>({x, r, ops.bias, column, ops.last_size, y, run_words, count}, rule);
         continue;
       }
       for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * in_step];
-      if constexpr (kAdd) {
+      if constexpr (kPair) {
         for (int64_t i = 0; i < count; ++i) res_run[i] = r[i * res_step];
       }
-      apply_run<scalar_t, kAdd>({x_run, res_run, ops.bias, column, ops.last_size, y_run, run_words, count}, rule);
+      apply_run<scalar_t, kPair>({x_run, res_run, ops.bias, column, ops.last_size, y_run, run_words, count}, rule);
       for (int64_t i = 0; i < count; ++i) y[i * out_step] = y_run[i];
     }
   });
@@ -251,15 +272,15 @@ void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout,
 // The walk for every op: batches over the memory where every operand is row-major and the
 // mask is full, else the merged runs. `residual` is undefined but for dropout_add, `bias`
 // where the op has none.
-template <typename scalar_t, bool kAdd, typename Rule>
+template <typename scalar_t, bool kPair, typename Rule>
 void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
            const MaskLayout& mask, RngState state, const Rule& rule) {
   if (input.numel() == 0) return;
   const CpuOperands<scalar_t> ops(input, residual, bias, output);
-  if (!mask.shared && input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous())) {
-    apply_row_major<scalar_t, kAdd>(ops, input.numel(), state, rule);
+  if (!mask.shared && input.is_contiguous() && output.is_contiguous() && (!kPair || residual.is_contiguous())) {
+    apply_row_major<scalar_t, kPair>(ops, input.numel(), state, rule);
   } else {
-    apply_by_runs<scalar_t, kAdd>(ops, merged_layout(input, output, mask, residual), input.numel(), state, rule);
+    apply_by_runs<scalar_t, kPair>(ops, merged_layout(input, output, mask, residual), input.numel(), state, rule);
   }
 }
 
@@ -369,6 +390,112 @@ std::tuple<at::Tensor, at::Tensor> alpha_dropout_cpu(const at::Tensor& input, do
                        std::move(generator), shared_dims);
 }
 
+// Elements per block of the cache-blocked activation path below: a multiple of every vector
+// width and of a Philox group, small enough that a block's operands stay in L2, large enough
+// that ATen's per-call cost is a few percent of the block's.
+constexpr int64_t kActivationBlock = int64_t{1} << 16;
+
+bool runs_activation_through_aten(Activation act) {
+  return act == Activation::kGelu || act == Activation::kGeluTanh || act == Activation::kSiLU;
+}
+
+// y = x + bias over `count` row-major elements from `column` on, rounded as torch's add.
+template <typename scalar_t>
+void add_bias(const scalar_t* x, const scalar_t* bias, int64_t column, int64_t last_size, scalar_t* y, int64_t count) {
+  for (int64_t i = 0; i < count; column = 0) {
+    const int64_t n = std::min(count - i, last_size - column);
+    for (int64_t j = 0; j < n; ++j) y[i + j] = plus_bias(x[i + j], bias[column + j]);
+    i += n;
+  }
+}
+
+// erf, tanh and exp one element at a time cost several times a pass over memory on the CPU,
+// so gelu, gelu_tanh and silu run through ATen's vectorised kernels. To keep one pass over
+// memory, the work goes one block of kActivationBlock row-major elements at a time: ATen's
+// activation (or its backward) on the block, and the mask rule on the block while it is still
+// in cache. `block(first, count, scratch)` does one block; scratch holds kActivationBlock
+// elements of the input's dtype for it.
+template <typename Block>
+void for_each_activation_block(const at::Tensor& input, Block&& block) {
+  const int64_t numel = input.numel();
+  const int64_t blocks = (numel + kActivationBlock - 1) / kActivationBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    at::Tensor scratch = at::empty({kActivationBlock}, input.options().memory_format(at::MemoryFormat::Contiguous));
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      const int64_t first = b * kActivationBlock;
+      block(first, std::min(kActivationBlock, numel - first), scratch);
+    }
+  });
+}
+
+// ATen's activation: out = act(in); `out` may be `in`.
+void aten_activation(const at::Tensor& in, at::Tensor& out, Activation act) {
+  if (act == Activation::kSiLU) {
+    at::silu_out(out, in);
+  } else {
+    at::gelu_out(out, in, act == Activation::kGelu ? "none" : "tanh");
+  }
+}
+
+// ATen's activation backward at `pre`: grad_in = act'(pre) * grad_in, in place.
+void aten_activation_backward(at::Tensor& grad_in, const at::Tensor& pre, Activation act) {
+  if (act == Activation::kSiLU) {
+    at::silu_backward_out(grad_in, grad_in, pre);
+  } else {
+    at::gelu_backward_out(grad_in, grad_in, pre, act == Activation::kGelu ? "none" : "tanh");
+  }
+}
+
+// act_dropout's forward through ATen's activation, block by block (row-major input, full mask).
+void act_dropout_by_blocks(const at::Tensor& input, const at::Tensor& bias, at::Tensor& output, RngState state,
+                           double p, Activation act) {
+  const at::Tensor flat_in = input.view(-1);
+  at::Tensor flat_out = output.view(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout", [&] {
+    const auto rule = OutputRule<scalar_t>::for_p(p);
+    const CpuOperands<scalar_t> in_place(output, at::Tensor(), at::Tensor(), output);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    const int64_t last_size = input.size(-1);
+    for_each_activation_block(input, [&](int64_t first, int64_t count, at::Tensor&) {
+      at::Tensor out_block = flat_out.narrow(0, first, count);
+      if (bias.defined()) {
+        add_bias(x + first, bias.const_data_ptr<scalar_t>(), first % last_size, last_size, y + first, count);
+        aten_activation(out_block, out_block, act);
+      } else {
+        aten_activation(flat_in.narrow(0, first, count), out_block, act);
+      }
+      apply_row_major_range<scalar_t, false>(in_place, first, count, state, rule);
+    });
+  });
+}
+
+// act_dropout's backward through ATen's activation backward, block by block (row-major
+// operands, full mask): the gradient through the mask into the block, then act' at
+// input + bias (made in the scratch block where there is a bias).
+void act_dropout_backward_by_blocks(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& bias,
+                                    at::Tensor& grad_input, RngState state, double p, Activation act) {
+  const at::Tensor flat_in = input.view(-1);
+  at::Tensor flat_grad_in = grad_input.view(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
+    const auto rule = OutputRule<scalar_t>::for_p(p);
+    const CpuOperands<scalar_t> replay(grad, at::Tensor(), at::Tensor(), grad_input);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t last_size = input.size(-1);
+    for_each_activation_block(input, [&](int64_t first, int64_t count, at::Tensor& scratch) {
+      apply_row_major_range<scalar_t, false>(replay, first, count, state, rule);
+      at::Tensor pre = flat_in.narrow(0, first, count);
+      if (bias.defined()) {
+        pre = scratch.narrow(0, 0, count);
+        add_bias(x + first, bias.const_data_ptr<scalar_t>(), first % last_size, last_size,
+                 pre.mutable_data_ptr<scalar_t>(), count);
+      }
+      at::Tensor grad_in_block = flat_grad_in.narrow(0, first, count);
+      aten_activation_backward(grad_in_block, pre, act);
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                                                    double p, c10::string_view activation, std::optional<int64_t> seed,
                                                    int64_t offset, std::optional<at::Generator> generator,
@@ -377,21 +504,51 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, cons
   const auto [layout, act] =
       check_act_dropout_call(kOp, input, bias, p, activation, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
-  const bool with_bias = bias.has_value() && bias->defined();
-  if (act == Activation::kGelu || act == Activation::kGeluTanh || act == Activation::kSiLU) {
-    // erf, tanh and exp one element at a time cost several times a pass over memory here, so
-    // the activation runs through ATen's vectorised CPU kernels into the output, and the mask
-    // rule then runs over it in place: two passes, and the unfused composition's exact bits.
-    const at::Tensor pre = with_bias ? at::add(input, *bias) : input;
-    at::Tensor output =
-        act == Activation::kSiLU ? at::silu(pre) : at::gelu(pre, act == Activation::kGelu ? "none" : "tanh");
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  if (runs_activation_through_aten(act)) {
+    if (!layout.shared && input.is_contiguous()) {
+      at::Tensor output = new_output(input);
+      if (input.numel() > 0) act_dropout_by_blocks(input, bias_contiguous, output, state, p, act);
+      return {output, state_tensor(state)};
+    }
+    // Any other layout: ATen's activation into the output, then the mask rule over it in place.
+    const at::Tensor pre = bias_contiguous.defined() ? at::add(input, bias_contiguous) : input;
+    at::Tensor output = empty_output_like(input);
+    aten_activation(pre, output, act);
     dispatch_apply(output, at::Tensor(), output, layout, state, p);
     return {output, state_tensor(state)};
   }
   at::Tensor output = new_output(input);
-  const at::Tensor bias_contiguous = with_bias ? bias->contiguous() : at::Tensor();
   dispatch_apply(input, bias_contiguous, output, layout, state, p, RuleSpec{RuleSpec::Form::kAct, act});
   return {output, state_tensor(state)};
+}
+
+at::Tensor act_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& rng_state, double p,
+                                    c10::string_view activation, at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::act_dropout_backward";
+  const auto [layout, act] =
+      check_act_dropout_backward_call(kOp, grad, input, bias, rng_state, p, activation, shared_dims);
+  const RngState state = read_state(rng_state);
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor grad_input = new_output(input);
+  if (input.numel() == 0) return grad_input;
+  if (runs_activation_through_aten(act)) {
+    if (!layout.shared && input.is_contiguous() && grad.is_contiguous()) {
+      act_dropout_backward_by_blocks(grad, input, bias_contiguous, grad_input, state, p, act);
+    } else {
+      // Any other layout: the replayed gradient, then ATen's activation backward over it.
+      dispatch_apply(grad, at::Tensor(), grad_input, layout, state, p);
+      aten_activation_backward(grad_input, bias_contiguous.defined() ? at::add(input, bias_contiguous) : input, act);
+    }
+    return grad_input;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
+    visit_act_grad_rule<scalar_t>(act, p, [&](const auto& rule) {
+      apply<scalar_t, true>(input, grad, bias_contiguous, grad_input, layout, state, rule);
+    });
+  });
+  return grad_input;
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, const at::Tensor& residual,
@@ -443,5 +600,6 @@ TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
   m.impl("dropout_add", &fused_dropout::dropout_add_cpu);
   m.impl("alpha_dropout", &fused_dropout::alpha_dropout_cpu);
   m.impl("act_dropout", &fused_dropout::act_dropout_cpu);
+  m.impl("act_dropout_backward", &fused_dropout::act_dropout_backward_cpu);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cpu);
 }

@@ -72,28 +72,29 @@ int grid_for(int64_t work_items) {
 // Launches the kernel for the operands' layout; `residual` is undefined but for dropout_add,
 // `bias` where the op has none. Launched even for an empty tensor, so the kernel still
 // records rng_state.
-template <typename scalar_t, bool kAdd, typename Rule>
+template <typename scalar_t, bool kPair, typename Rule>
 void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
             const MaskLayout& mask, const StateSource& src, const Rule& rule) {
-  constexpr bool kTakesBias = kAdd || kRuleTakesBias<Rule>;
+  constexpr bool kTakesBias = kPair || kRuleTakesBias<Rule>;
   const Operands<scalar_t> ops{input.const_data_ptr<scalar_t>(),
-                               kAdd ? residual.const_data_ptr<scalar_t>() : nullptr,
+                               kPair ? residual.const_data_ptr<scalar_t>() : nullptr,
                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                                output.mutable_data_ptr<scalar_t>(),
                                input.numel(),
                                input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool row_major =
-      !mask.shared && input.is_contiguous() && output.is_contiguous() && (!kAdd || residual.is_contiguous());
+      !mask.shared && input.is_contiguous() && output.is_contiguous() && (!kPair || residual.is_contiguous());
   if (row_major) {
     constexpr int kStep = step_elems<scalar_t>();
     constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
     const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
     const int grid = grid_for((ops.numel + kStep - 1) / kStep);
-    const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kAdd || aligned(ops.res));
+    const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kPair || aligned(ops.res));
     BOOL_SWITCH(all_aligned, kAligned, [&] {
       BOOL_SWITCH(kTakesBias && ops.bias != nullptr, kBias, [&] {
-        contiguous_kernel<scalar_t, kAligned, kAdd, kTakesBias && kBias><<<grid, kThreads, 0, stream>>>(ops, src, rule);
+        contiguous_kernel<scalar_t, kAligned, kPair, kTakesBias && kBias>
+            <<<grid, kThreads, 0, stream>>>(ops, src, rule);
       });
     });
   } else {
@@ -103,7 +104,7 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
     const int grid = grid_for((ops.numel + 3) / 4);
     BOOL_SWITCH(ops.numel <= std::numeric_limits<int32_t>::max(), kIndex32, [&] {
       using index_t = std::conditional_t<kIndex32, uint32_t, uint64_t>;
-      strided_kernel<scalar_t, kAdd, index_t><<<grid, kThreads, 0, stream>>>(ops, layout, src, rule);
+      strided_kernel<scalar_t, kPair, index_t><<<grid, kThreads, 0, stream>>>(ops, layout, src, rule);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -213,6 +214,24 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_cuda(const at::Tensor& input, con
   return {output, rng_state};
 }
 
+at::Tensor act_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& rng_state, double p,
+                                     c10::string_view activation, at::IntArrayRef shared_dims) {
+  constexpr const char* kOp = "fused_dropout::act_dropout_backward";
+  const auto [mask, act] =
+      check_act_dropout_backward_call(kOp, grad, input, bias, rng_state, p, activation, shared_dims);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor state = rng_state.contiguous();
+  at::Tensor grad_input = empty_output_like(input);
+  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
+    visit_act_grad_rule<scalar_t>(act, p, [&](const auto& rule) {
+      launch<scalar_t, true>(input, grad, bias_contiguous, grad_input, mask, StateSource::saved_in(state), rule);
+    });
+  });
+  return grad_input;
+}
+
 std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, const at::Tensor& residual,
                                                     const std::optional<at::Tensor>& bias, double p,
                                                     std::optional<int64_t> seed, int64_t offset,
@@ -268,5 +287,6 @@ TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
   m.impl("dropout_add", &fused_dropout::dropout_add_cuda);
   m.impl("alpha_dropout", &fused_dropout::alpha_dropout_cuda);
   m.impl("act_dropout", &fused_dropout::act_dropout_cuda);
+  m.impl("act_dropout_backward", &fused_dropout::act_dropout_backward_cuda);
   m.impl("philox4x32_10", &fused_dropout::philox4x32_10_cuda);
 }

@@ -1,6 +1,7 @@
 // The CUDA kernels of the dropout family: row-major operands, and any other layout. Each is
 // templated on the output rule (philox.h, forms.h): plain dropout, alpha dropout or
-// activation + dropout, and with kAdd residual + rule(x + bias) for dropout_add. They
+// activation + dropout, and with kPair a second input operand, combined by the rule:
+// dropout_add's residual + rule(x + bias), act_dropout_backward's act'(x + bias) * dropout(grad). They
 // are plain C++ apart from the CUDA keywords and the launch indices, so that
 // tests/cuda_kernel_on_host.cpp can run this very source on the CPU, one (block, thread) at a
 // time, where no GPU is present. `resolve_state(src, seed, base)` is found by argument-
@@ -30,12 +31,12 @@ struct alignas(sizeof(scalar_t) * N) Vec {
   scalar_t v[N];
 };
 
-// The operands of one call: out = rule(in + bias), or with kAdd res + rule(in + bias); the
-// bias (optional) runs along the last dim.
+// The operands of one call: out = rule(in + bias), or with kPair rule.combine(res, in + bias);
+// the bias (optional) runs along the last dim.
 template <typename scalar_t>
 struct Operands {
   const scalar_t* in;
-  const scalar_t* res;   // kAdd only
+  const scalar_t* res;   // kPair only: dropout_add's residual, act_dropout_backward's gradient
   const scalar_t* bias;  // may be null
   scalar_t* out;
   int64_t numel;
@@ -47,7 +48,7 @@ struct Operands {
 // or two 16-byte loads and stores per operand; otherwise it is the tensor's last, partial step.
 // kBias is a template argument rather than a test of ops.bias: a branch between the loads and
 // their use made the compiler unpack the loaded registers at once, before the Philox rounds.
-template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, bool kFull, typename Rule>
+template <typename scalar_t, bool kAligned, bool kPair, bool kBias, bool kFull, typename Rule>
 __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, uint64_t seed, uint64_t base,
                                                 const Rule& rule, int64_t first) {
   constexpr int kStep = step_elems<scalar_t>();
@@ -56,12 +57,12 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
   V x, r;
   if constexpr (kAligned && kFull) {
     x = *reinterpret_cast<const V*>(ops.in + first);
-    if (kAdd) r = *reinterpret_cast<const V*>(ops.res + first);
+    if (kPair) r = *reinterpret_cast<const V*>(ops.res + first);
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
       x.v[j] = kFull || first + j < numel ? ops.in[first + j] : scalar_t(0);
-      if (kAdd) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : scalar_t(0);
+      if (kPair) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : scalar_t(0);
     }
   }
   PhiloxWords w[kStep / 4];
@@ -81,8 +82,8 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 #pragma unroll
   for (int k = 0; k < kStep; ++k) {
     const uint32_t word = w[k / 4].w[k % 4];
-    if constexpr (kAdd) {
-      y.v[k] = rule.add_to(r.v[k], x.v[k], word);
+    if constexpr (kPair) {
+      y.v[k] = rule.combine(r.v[k], x.v[k], word);
     } else {
       y.v[k] = rule(x.v[k], word);
     }
@@ -101,23 +102,23 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 // step. Straight-line code lets ptxas issue a 2-byte type's 16-byte load before the Philox
 // rounds, which then run while the load is in flight (benchmarks/NOTES.md has the SASS
 // reading that motivated it).
-template <typename scalar_t, bool kAligned, bool kAdd, bool kBias, typename Rule, typename StateSource>
+template <typename scalar_t, bool kAligned, bool kPair, bool kBias, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src, Rule rule) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kStep;
   if (first + kStep <= ops.numel) {
-    contiguous_step<scalar_t, kAligned, kAdd, kBias, /*kFull=*/true>(ops, seed, base, rule, first);
+    contiguous_step<scalar_t, kAligned, kPair, kBias, /*kFull=*/true>(ops, seed, base, rule, first);
   } else if (first < ops.numel) {
-    contiguous_step<scalar_t, kAligned, kAdd, kBias, /*kFull=*/false>(ops, seed, base, rule, first);
+    contiguous_step<scalar_t, kAligned, kPair, kBias, /*kFull=*/false>(ops, seed, base, rule, first);
   }
 }
 
 // The operands' offsets of walk index `linear` of the merged layout, one division per dim, in
 // index_t (32-bit division where the walk fits it: far cheaper than 64-bit on a GPU).
 // Returns the index along the innermost dim.
-template <typename index_t, bool kAdd>
+template <typename index_t, bool kPair>
 __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t linear, int64_t (&offset)[kOperands]) {
   index_t rest = static_cast<index_t>(linear);
   int64_t inner_index = 0;
@@ -130,7 +131,7 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
     if (d == layout.ndim - 1) inner_index = static_cast<int64_t>(index);
 #pragma unroll
     for (int k = 0; k < kOperands; ++k) {
-      if (kAdd || k != kRes) offset[k] += static_cast<int64_t>(index) * layout.strides[k][d];
+      if (kPair || k != kRes) offset[k] += static_cast<int64_t>(index) * layout.strides[k][d];
     }
   }
   return inner_index;
@@ -142,7 +143,7 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
 // Philox group it computed last (a shared mask value, or the next words). The walk is in the
 // output's memory order where the caller needs no logical index (no bias), else in logical
 // order, where the bias column is the logical index modulo the last dim's size.
-template <typename scalar_t, bool kAdd, typename index_t, typename Rule, typename StateSource>
+template <typename scalar_t, bool kPair, typename index_t, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads)
     strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, Rule rule) {
   uint64_t seed, base;
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;
   if (first >= ops.numel) return;
   int64_t offset[kOperands];
-  int64_t inner_index = locate<index_t, kAdd>(layout, first, offset);
+  int64_t inner_index = locate<index_t, kPair>(layout, first, offset);
   CachedGroup cache;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kThreads)
     if (linear >= ops.numel) break;
     if (j > 0) {
       if (++inner_index == layout.inner()) {
-        inner_index = locate<index_t, kAdd>(layout, linear, offset);
+        inner_index = locate<index_t, kPair>(layout, linear, offset);
       } else {
 #pragma unroll
         for (int k = 0; k < kOperands; ++k) offset[k] += layout.inner_stride(k);
@@ -167,8 +168,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t word = cache.word(seed, base, offset[kMask]);
     scalar_t x = ops.in[offset[kIn]];
     if (ops.bias != nullptr) x = plus_bias(x, ops.bias[linear % ops.last_size]);
-    if constexpr (kAdd) {
-      ops.out[offset[kOut]] = rule.add_to(ops.res[offset[kRes]], x, word);
+    if constexpr (kPair) {
+      ops.out[offset[kOut]] = rule.combine(ops.res[offset[kRes]], x, word);
     } else {
       ops.out[offset[kOut]] = rule(x, word);
     }
