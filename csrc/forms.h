@@ -50,6 +50,8 @@ struct AlphaRule {
   scalar_t dropped;  // a * alpha * (p - 1), rounded once
 
   static constexpr double kAlpha = 1.7580993408473766;
+  static constexpr bool kDroppedReadsInput = false;  // dropped: a constant
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool keeps(uint32_t word) const { return keep(word); }
   static double a_for_p(double p_drop) { return 1.0 / std::sqrt((kAlpha * kAlpha * p_drop + 1.0) * (1.0 - p_drop)); }
 
   static AlphaRule for_p(double p_drop) {
@@ -108,6 +110,9 @@ template <Activation kAct, typename scalar_t, typename acc_t>
 struct ActRule {
   MaskedScale<scalar_t, acc_t> mask;
 
+  static constexpr bool kDroppedReadsInput = false;  // dropped: +0.0
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool keeps(uint32_t word) const { return mask.keep(word); }
+
   C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t operator()(scalar_t x, uint32_t word) const {
     return mask(static_cast<scalar_t>(activate<kAct>(static_cast<acc_t>(x))), word);
   }
@@ -154,6 +159,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t activation_backward(scalar_t grad, sc
 template <Activation kAct, typename scalar_t, typename acc_t>
 struct ActGradRule {
   MaskedScale<scalar_t, acc_t> mask;
+
+  // A dropped element's gradient is 0 * act'(input), which is NaN where act'(input) is.
+  static constexpr bool kDroppedReadsInput = true;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool keeps(uint32_t word) const { return mask.keep(word); }
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t combine(scalar_t grad, scalar_t pre, uint32_t word) const {
     return activation_backward<kAct, scalar_t, acc_t>(mask(grad, word), pre);

@@ -70,4 +70,22 @@ inline MergedLayout merge_dims_in_memory_order(int64_t ndim, const int64_t* size
                     {permuted_strides[0], permuted_strides[1], permuted_strides[2], permuted_strides[3]});
 }
 
+// The row size when the merged walk is row-major memory for every data operand (input,
+// output, residual) and the mask index is walk index / row size: a mask shared along the
+// trailing dims of a dense tensor (stochastic depth per sample, dropout2d of NCHW). Else 0.
+inline int64_t shared_row_size(const MergedLayout& layout) {
+  const auto dense = [&](int k) {
+    return layout.ndim == 1 ? layout.strides[k][0] == 1
+                            : layout.strides[k][1] == 1 && layout.strides[k][0] == layout.sizes[1];
+  };
+  if (layout.ndim == 1 && layout.strides[kMask][0] == 0 && dense(kIn) && dense(kOut) && dense(kRes)) {
+    return layout.sizes[0];
+  }
+  if (layout.ndim == 2 && layout.strides[kMask][0] == 1 && layout.strides[kMask][1] == 0 && dense(kIn) && dense(kOut) &&
+      dense(kRes)) {
+    return layout.sizes[1];
+  }
+  return 0;
+}
+
 }  // namespace fused_dropout

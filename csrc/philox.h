@@ -119,6 +119,10 @@ struct MaskedScale {
   KeepRule keep;
   acc_t scale;
 
+  // A dropped element's output does not depend on its input, so a kernel need not read it.
+  static constexpr bool kDroppedReadsInput = false;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool keeps(uint32_t word) const { return keep(word); }
+
   // scale = 1 / (1 - p), computed in double and held in the accumulation type.
   static MaskedScale for_p(double p_drop) {
     return MaskedScale{KeepRule::for_p(p_drop), static_cast<acc_t>(p_drop < 1.0 ? 1.0 / (1.0 - p_drop) : 0.0)};

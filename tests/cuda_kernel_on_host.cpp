@@ -15,6 +15,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 // The CUDA keywords and launch indices the kernel source uses, for a host compiler.
 #define __global__
 #define __device__
@@ -41,18 +44,23 @@ inline void resolve_state(const HostState& src, uint64_t& seed, uint64_t& base) 
 }
 
 // One launch, as dropout_cuda.cu sizes it: one thread per step of step_elems() elements.
-// The output rules the kernels are checked with: plain dropout, alpha dropout and GELU + dropout.
-enum class TestRule { kDropout, kAlpha, kGelu };
+// The output rules the kernels are checked with: plain dropout, alpha dropout, GELU + dropout,
+// and GELU + dropout's backward (a two-operand rule).
+enum class TestRule { kDropout, kAlpha, kGelu, kGeluGrad };
 
 template <typename T, TestRule kRule>
 auto test_rule() {
   if constexpr (kRule == TestRule::kDropout) return OutputRule<T>::for_p(0.3);
   if constexpr (kRule == TestRule::kAlpha) return AlphaRule<T, acc_type<T>>::for_p(0.3);
   if constexpr (kRule == TestRule::kGelu) return ActRule<Activation::kGelu, T, acc_type<T>>{OutputRule<T>::for_p(0.3)};
+  if constexpr (kRule == TestRule::kGeluGrad) {
+    return ActGradRule<Activation::kGelu, T, acc_type<T>>{OutputRule<T>::for_p(0.3)};
+  }
 }
 
+// The row-major kernel, or with row_size > 0 the row-shared kernel (mask index = index / row_size).
 template <typename T, bool kAligned, bool kPair, bool kBias, TestRule kRule = TestRule::kDropout>
-bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt19937& gen) {
+bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt19937& gen, int64_t row_size = 0) {
   std::normal_distribution<float> normal;
   const auto fresh = [&](size_t n) {
     std::vector<T> v(n);
@@ -78,11 +86,16 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   const int64_t blocks = std::max<int64_t>(1, ((numel + kStep - 1) / kStep + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
-      contiguous_kernel<T, kAligned, kPair, kBias>(ops, state, rule);
+      if (row_size > 0) {
+        row_shared_kernel<T, kAligned, kPair, kBias>(ops, row_size, state, rule);
+      } else {
+        contiguous_kernel<T, kAligned, kPair, kBias>(ops, state, rule);
+      }
     }
   }
   for (int64_t i = 0; i < numel; ++i) {
-    const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(i / 4)).w[i % 4];
+    const int64_t mask_index = row_size > 0 ? i / row_size : i;
+    const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
     const T v = kBias ? plus_bias(x[i], bias[i % last_size]) : x[i];
     if constexpr (kPair) {
       want[misalign + i] = rule.combine(r[i], v, word);
@@ -92,9 +105,10 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   }
   if (std::memcmp(out, want.data(), want.size() * sizeof(T)) == 0) return true;
   std::printf(
-      "differs: %zu-byte type, numel %lld, last dim %lld, offset %d elements, aligned=%d add=%d bias=%d rule=%d\n",
-      sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), misalign, kAligned, kPair, kBias,
-      static_cast<int>(kRule));
+      "differs: %zu-byte type, numel %lld, last dim %lld, row %lld, offset %d elements, aligned=%d pair=%d bias=%d "
+      "rule=%d\n",
+      sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), static_cast<long long>(row_size),
+      misalign, kAligned, kPair, kBias, static_cast<int>(kRule));
   return false;
 }
 
@@ -117,11 +131,77 @@ int failures(std::mt19937& gen) {
       failed += !kernel_matches_rule<T, true, false, false, TestRule::kAlpha>(n, last_size, 0, gen);
       failed += !kernel_matches_rule<T, false, false, true, TestRule::kGelu>(n, last_size, 1, gen);
       failed += !kernel_matches_rule<T, true, false, true, TestRule::kGelu>(n, last_size, 0, gen);
-      cases += 10;
+      failed += !kernel_matches_rule<T, false, true, true, TestRule::kGeluGrad>(n, last_size, 1, gen);
+      failed += !kernel_matches_rule<T, true, true, false, TestRule::kGeluGrad>(n, last_size, 0, gen);
+      cases += 12;
     }
   }
   std::printf("row-major kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
   return failed;
+}
+
+// The row-shared kernel: rows from one step long (a step then meets two rows) to many steps,
+// rows that do not divide the tensor, every rule and operand form.
+template <typename T>
+int row_shared_failures(std::mt19937& gen) {
+  constexpr int64_t kStep = step_elems<T>();
+  int failed = 0, cases = 0;
+  for (const int64_t row_size : {kStep, kStep + 1, 3 * kStep - 1, int64_t{257}, int64_t{4096}}) {
+    for (const int64_t n : {row_size, 2 * row_size - 5, 7 * row_size + 3, 64 * row_size}) {
+      failed += !kernel_matches_rule<T, false, false, false>(n, 8, 1, gen, row_size);
+      failed += !kernel_matches_rule<T, true, false, false>(n, 8, 0, gen, row_size);
+      failed += !kernel_matches_rule<T, false, true, false>(n, 8, 1, gen, row_size);
+      failed += !kernel_matches_rule<T, true, true, false>(n, 8, 0, gen, row_size);
+      failed += !kernel_matches_rule<T, true, true, true>(n, 13, 0, gen, row_size);
+      failed += !kernel_matches_rule<T, true, false, false, TestRule::kAlpha>(n, 8, 0, gen, row_size);
+      failed += !kernel_matches_rule<T, false, false, true, TestRule::kGelu>(n, 13, 1, gen, row_size);
+      failed += !kernel_matches_rule<T, true, true, true, TestRule::kGeluGrad>(n, 13, 0, gen, row_size);
+      cases += 8;
+    }
+  }
+  std::printf("row-shared kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
+  return failed;
+}
+
+// A dropped row costs no read of its input: the input of every dropped row lies on pages
+// that are made unreadable, so a read of one ends the process. One row is one page.
+template <typename T>
+int dropped_rows_read(std::mt19937& gen) {
+  const int64_t page = sysconf(_SC_PAGESIZE), row_size = page / static_cast<int64_t>(sizeof(T)), rows = 64;
+  void* memory = mmap(nullptr, rows * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (memory == MAP_FAILED) return 1;
+  T* in = static_cast<T*>(memory);
+  std::normal_distribution<float> normal;
+  std::vector<T> res(rows * row_size), out(rows * row_size), want(rows * row_size);
+  for (int64_t i = 0; i < rows * row_size; ++i) {
+    in[i] = T(normal(gen));
+    res[i] = T(normal(gen));
+  }
+  const auto rule = OutputRule<T>::for_p(0.5);
+  const HostState state{12345, 678};
+  int dropped = 0;
+  for (int64_t row = 0; row < rows; ++row) {
+    const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(row / 4)).w[row % 4];
+    for (int64_t j = 0; j < row_size; ++j) {
+      want[row * row_size + j] = rule.combine(res[row * row_size + j], in[row * row_size + j], word);
+    }
+    if (!rule.keeps(word)) {
+      mprotect(static_cast<char*>(memory) + row * page, page, PROT_NONE);
+      ++dropped;
+    }
+  }
+  const Operands<T> ops{in, res.data(), nullptr, out.data(), rows * row_size, row_size};
+  const int64_t blocks = (rows * row_size / step_elems<T>() + kThreads - 1) / kThreads;
+  for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
+    for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
+      row_shared_kernel<T, true, true, false>(ops, row_size, state, rule);
+    }
+  }
+  munmap(memory, rows * page);
+  const bool same = std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0;
+  std::printf("row-shared kernel, %zu-byte type: %d of %lld rows dropped and not read, output %s\n", sizeof(T), dropped,
+              static_cast<long long>(rows), same ? "matches" : "differs");
+  return same && dropped > 0 ? 0 : 1;
 }
 
 // A strided operand set, as the ops see it: sizes, each operand's strides (input, output,
@@ -262,11 +342,10 @@ int strided_failures(std::mt19937& gen) {
     failed += !strided_kernel_matches_rule<T, false>(c, gen);
     failed += !strided_kernel_matches_rule<T, false, TestRule::kAlpha>(c, gen);
     cases += 2;
-    if (c.shared_dims.empty()) {  // dropout_add and act_dropout draw a full mask
-      failed += !strided_kernel_matches_rule<T, true>(c, gen);
-      failed += !strided_kernel_matches_rule<T, false, TestRule::kGelu>(c, gen);
-      cases += 2;
-    }
+    failed += !strided_kernel_matches_rule<T, true>(c, gen);
+    failed += !strided_kernel_matches_rule<T, false, TestRule::kGelu>(c, gen);
+    failed += !strided_kernel_matches_rule<T, true, TestRule::kGeluGrad>(c, gen);
+    cases += 3;
   }
   std::printf("strided kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
   return failed;
@@ -279,6 +358,9 @@ int main() {
   std::mt19937 gen(2024);
   const int failed = failures<float>(gen) + failures<double>(gen) + failures<c10::Half>(gen) +
                      failures<c10::BFloat16>(gen) + strided_failures<float>(gen) + strided_failures<double>(gen) +
-                     strided_failures<c10::Half>(gen) + strided_failures<c10::BFloat16>(gen);
+                     strided_failures<c10::Half>(gen) + strided_failures<c10::BFloat16>(gen) +
+                     row_shared_failures<float>(gen) + row_shared_failures<double>(gen) +
+                     row_shared_failures<c10::Half>(gen) + row_shared_failures<c10::BFloat16>(gen) +
+                     dropped_rows_read<float>(gen) + dropped_rows_read<c10::BFloat16>(gen);
   return failed == 0 ? 0 : 1;
 }

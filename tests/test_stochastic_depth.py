@@ -2,6 +2,8 @@
 drop-ins for torchvision's StochasticDepth, and replace_dropout on real torchvision models."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,6 +46,44 @@ def test_drop_path_add_equals_the_unfused_composition(device):
     expected = channels_first + fused_dropout.stochastic_depth(channels_first * gamma_cf, 0.5, "batch", seed=SEED)
     assert_bitwise_equal(out, expected)
     assert torch.equal(fused_dropout.drop_path_add(x, residual, 0.5, False, scale=gamma), residual + x * gamma)
+
+
+_NO_READ_OF_DROPPED_SAMPLES = """
+import ctypes, mmap, sys
+import torch, fused_dropout
+
+libc = ctypes.CDLL(None, use_errno=True)
+PROT_NONE, PROT_READ_WRITE = 0, 3
+page, rows = mmap.PAGESIZE, 32
+row = page // 4
+# Each sample of the branch fills exactly one page of a page-aligned slice.
+storage = torch.randn(rows * row + row)
+start = (-storage.data_ptr() % page) // 4
+branch = storage[start : start + rows * row].view(rows, row)
+residual = torch.randn(rows, row)
+expected = fused_dropout.drop_path_add(branch, residual, 0.5, seed=7)
+# A dropped sample's output is residual + 0.0; a kept one's differs (the branch is random).
+dropped = [i for i in range(rows) if torch.equal(expected[i], residual[i] + 0.0)]
+for i in dropped:
+    assert libc.mprotect(ctypes.c_void_p(branch[i].data_ptr()), page, PROT_NONE) == 0
+out = fused_dropout.drop_path_add(branch, residual, 0.5, seed=7)
+for i in dropped:
+    libc.mprotect(ctypes.c_void_p(branch[i].data_ptr()), page, PROT_READ_WRITE)
+assert torch.equal(out, expected)
+print(len(dropped), "of", rows, "samples dropped and not read")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses mprotect")
+def test_a_dropped_sample_costs_no_read_of_its_branch():
+    # The branch of every dropped sample lies on pages made unreadable: a read of one ends
+    # the process. (The CUDA kernel's source gets the same check in test_cuda_kernel_on_host.)
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_READ_OF_DROPPED_SAMPLES], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    dropped = int(run.stdout.split()[0])
+    assert 0 < dropped < 32, run.stdout
 
 
 def test_drop_path_add_gradients():

@@ -233,7 +233,6 @@ void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout,
   const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
   const int64_t in_step = layout.inner_stride(kIn), out_step = layout.inner_stride(kOut);
   const int64_t mask_step = layout.inner_stride(kMask), res_step = layout.inner_stride(kRes);
-  const bool contiguous_run = in_step == 1 && out_step == 1 && (!kPair || res_step == 1);
   const int64_t grain = std::max<int64_t>(1, kGrainGroups * 4 / std::min(inner, kChunk));
   at::parallel_for(0, numel / inner * chunks_per_row, grain, [&](int64_t unit_begin, int64_t unit_end) {
     alignas(64) uint32_t group_words[4 * (kBatchGroups + 1)];
@@ -252,14 +251,24 @@ void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout,
       const uint32_t* run_words =
           draw_run_words(state, walk.offset[kMask] + start * mask_step, mask_step, count, group_words, words);
       const scalar_t* x = ops.in + walk.offset[kIn] + start * in_step;
+      int64_t x_step = in_step;
+      if (!Rule::kDroppedReadsInput && mask_step == 0 && !rule.keeps(run_words[0])) {
+        // The run shares one dropped mask value and the rule's dropped value does not depend
+        // on the input: read zeros instead (a dropped sample costs no read of its branch).
+        std::fill_n(x_run, count, scalar_t(0));
+        x = x_run;
+        x_step = 1;
+      }
       const scalar_t* r = kPair ? ops.res + walk.offset[kRes] + start * res_step : nullptr;
       scalar_t* y = ops.out + walk.offset[kOut] + start * out_step;
       const int64_t column = (row * inner + start) % ops.last_size;  // the logical index's place in the last dim
-      if (contiguous_run) {
+      if (x_step == 1 && out_step == 1 && (!kPair || res_step == 1)) {
         apply_run<scalar_t, kPair>({x, r, ops.bias, column, ops.last_size, y, run_words, count}, rule);
         continue;
       }
-      for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * in_step];
+      if (x != x_run) {
+        for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * x_step];
+      }
       if constexpr (kPair) {
         for (int64_t i = 0; i < count; ++i) res_run[i] = r[i * res_step];
       }

@@ -83,28 +83,40 @@ void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tenso
                                input.numel(),
                                input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The row-major and row-shared kernels take one step of kStep elements per thread, with
+  // 16-byte loads and stores where every operand is aligned to them.
+  constexpr int kStep = step_elems<scalar_t>();
+  constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
+  const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
+  const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kPair || aligned(ops.res));
+  const bool with_bias = kTakesBias && ops.bias != nullptr;
   const bool row_major =
       !mask.shared && input.is_contiguous() && output.is_contiguous() && (!kPair || residual.is_contiguous());
   if (row_major) {
-    constexpr int kStep = step_elems<scalar_t>();
-    constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
-    const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
-    const int grid = grid_for((ops.numel + kStep - 1) / kStep);
-    const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kPair || aligned(ops.res));
     BOOL_SWITCH(all_aligned, kAligned, [&] {
-      BOOL_SWITCH(kTakesBias && ops.bias != nullptr, kBias, [&] {
+      BOOL_SWITCH(with_bias, kBias, [&] {
         contiguous_kernel<scalar_t, kAligned, kPair, kTakesBias && kBias>
-            <<<grid, kThreads, 0, stream>>>(ops, src, rule);
+            <<<grid_for((ops.numel + kStep - 1) / kStep), kThreads, 0, stream>>>(ops, src, rule);
+      });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // A bias needs each element's logical index, so only a walk without one follows memory.
+  const WalkOrder order = ops.bias == nullptr ? WalkOrder::kOutputMemory : WalkOrder::kLogical;
+  const MergedLayout layout = merged_layout(input, output, mask, residual, order);
+  if (const int64_t row_size = shared_row_size(layout); row_size >= kStep) {
+    BOOL_SWITCH(all_aligned, kAligned, [&] {
+      BOOL_SWITCH(with_bias, kBias, [&] {
+        row_shared_kernel<scalar_t, kAligned, kPair, kTakesBias && kBias>
+            <<<grid_for((ops.numel + kStep - 1) / kStep), kThreads, 0, stream>>>(ops, row_size, src, rule);
       });
     });
   } else {
-    // A bias needs each element's logical index, so only a walk without one follows memory.
-    const WalkOrder order = ops.bias == nullptr ? WalkOrder::kOutputMemory : WalkOrder::kLogical;
-    const MergedLayout layout = merged_layout(input, output, mask, residual, order);
-    const int grid = grid_for((ops.numel + 3) / 4);
     BOOL_SWITCH(ops.numel <= std::numeric_limits<int32_t>::max(), kIndex32, [&] {
       using index_t = std::conditional_t<kIndex32, uint32_t, uint64_t>;
-      strided_kernel<scalar_t, kPair, index_t><<<grid, kThreads, 0, stream>>>(ops, layout, src, rule);
+      strided_kernel<scalar_t, kPair, index_t>
+          <<<grid_for((ops.numel + 3) / 4), kThreads, 0, stream>>>(ops, layout, src, rule);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,4 +1,5 @@
-// The CUDA kernels of the dropout family: row-major operands, and any other layout. Each is
+// The CUDA kernels of the dropout family: row-major operands, row-major operands with a mask
+// shared along the trailing dims, and any other layout. Each is
 // templated on the output rule (philox.h, forms.h): plain dropout, alpha dropout or
 // activation + dropout, and with kPair a second input operand, combined by the rule:
 // dropout_add's residual + rule(x + bias), act_dropout_backward's act'(x + bias) * dropout(grad). They
@@ -115,6 +116,67 @@ __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t>
   }
 }
 
+// Row-major operands with the mask shared along the trailing dims: one mask value per row of
+// row_size elements (a stochastic-depth sample, a dropout2d channel), so mask index = memory
+// index / row_size. One step per thread as in contiguous_kernel; rows are at least a step
+// long (the caller checks), so a step meets at most two rows and needs at most two Philox
+// calls. Where every element of the step is dropped and the rule's dropped value does not
+// depend on the input, the input is not read: a dropped sample costs no read of its branch.
+template <typename scalar_t, bool kAligned, bool kPair, bool kBias, typename Rule, typename StateSource>
+__global__ void __launch_bounds__(kThreads)
+    row_shared_kernel(Operands<scalar_t> ops, int64_t row_size, StateSource src, Rule rule) {
+  constexpr int kStep = step_elems<scalar_t>();
+  using V = Vec<scalar_t, kStep>;
+  uint64_t seed, base;
+  resolve_state(src, seed, base);
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kStep;
+  if (first >= ops.numel) return;
+  const int64_t count = ops.numel - first < kStep ? ops.numel - first : kStep;
+  const int64_t row = first / row_size;
+  const int64_t next_row_at = (row + 1) * row_size - first;  // the step's first element of the next row
+  CachedGroup cache;
+  const uint32_t word0 = cache.word(seed, base, row);
+  const uint32_t word1 = next_row_at < count ? cache.word(seed, base, row + 1) : word0;
+  const bool reads_input = Rule::kDroppedReadsInput || rule.keeps(word0) || rule.keeps(word1);
+  V x, r;
+  if (kAligned && count == kStep) {
+    x = reads_input ? *reinterpret_cast<const V*>(ops.in + first) : V{};
+    if (kPair) r = *reinterpret_cast<const V*>(ops.res + first);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      x.v[j] = reads_input && j < count ? ops.in[first + j] : scalar_t(0);
+      if (kPair) r.v[j] = j < count ? ops.res[first + j] : scalar_t(0);
+    }
+  }
+  if constexpr (kBias) {
+    int64_t column = first % ops.last_size;
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      x.v[j] = plus_bias(x.v[j], ops.bias[column]);
+      column = column + 1 == ops.last_size ? 0 : column + 1;
+    }
+  }
+  V y;
+#pragma unroll
+  for (int j = 0; j < kStep; ++j) {
+    const uint32_t word = j < next_row_at ? word0 : word1;
+    if constexpr (kPair) {
+      y.v[j] = rule.combine(r.v[j], x.v[j], word);
+    } else {
+      y.v[j] = rule(x.v[j], word);
+    }
+  }
+  if (kAligned && count == kStep) {
+    *reinterpret_cast<V*>(ops.out + first) = y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kStep; ++j) {
+      if (j < count) ops.out[first + j] = y.v[j];
+    }
+  }
+}
+
 // The operands' offsets of walk index `linear` of the merged layout, one division per dim, in
 // index_t (32-bit division where the walk fits it: far cheaper than 64-bit on a GPU).
 // Returns the index along the innermost dim.
@@ -166,7 +228,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const uint32_t word = cache.word(seed, base, offset[kMask]);
-    scalar_t x = ops.in[offset[kIn]];
+    // A dropped element whose output does not depend on its input is not read.
+    scalar_t x = Rule::kDroppedReadsInput || rule.keeps(word) ? ops.in[offset[kIn]] : scalar_t(0);
     if (ops.bias != nullptr) x = plus_bias(x, ops.bias[linear % ops.last_size]);
     if constexpr (kPair) {
       ops.out[offset[kOut]] = rule.combine(ops.res[offset[kRes]], x, word);
