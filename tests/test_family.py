@@ -267,6 +267,20 @@ def test_act_dropout_backward_is_one_op_unless_differentiated(activation):
         torch.testing.assert_close(a, c)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_act_dropout_backward_of_a_sum(device, activation):
+    # out.sum().backward() hands backward an expanded gradient (every stride 0).
+    x = random_input((4, 6, 40), torch.float32, device).requires_grad_(True)
+    b = random_input((40,), torch.float32, device, seed=1).requires_grad_(True)
+    fused_dropout.act_dropout(x, 0.3, activation=activation, bias=b, seed=SEED).sum().backward()
+    keep = torch.from_numpy(reference.keep_mask(x.shape, 0.3, SEED))
+    xc, bc = x.detach().cpu().requires_grad_(True), b.detach().cpu().requires_grad_(True)
+    (TORCH_ACTIVATIONS[activation](xc + bc) * keep * torch.tensor(1 / 0.7)).sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), xc.grad)
+    torch.testing.assert_close(b.grad.cpu(), bc.grad)
+
+
 def test_act_dropout_backward_with_batched_grads():
     x = random_input((6, 16), torch.float32).requires_grad_(True)
     b = random_input((16,), torch.float32, seed=1).requires_grad_(True)

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <string>
 
 #if defined(__linux__)
@@ -399,40 +400,34 @@ std::tuple<at::Tensor, at::Tensor> alpha_dropout_cpu(const at::Tensor& input, do
                        std::move(generator), shared_dims);
 }
 
-// Elements per block of the cache-blocked activation path below: a multiple of every vector
-// width and of a Philox group, small enough that a block's operands stay in L2, large enough
-// that ATen's per-call cost is a few percent of the block's.
+// Elements per block of the cache-blocked activation path below, before rounding to whole
+// rows: small enough that a block's operands stay in L2, large enough that ATen's per-call
+// cost is a few percent of the block's.
 constexpr int64_t kActivationBlock = int64_t{1} << 16;
 
 bool runs_activation_through_aten(Activation act) {
   return act == Activation::kGelu || act == Activation::kGeluTanh || act == Activation::kSiLU;
 }
 
-// y = x + bias over `count` row-major elements from `column` on, rounded as torch's add.
-template <typename scalar_t>
-void add_bias(const scalar_t* x, const scalar_t* bias, int64_t column, int64_t last_size, scalar_t* y, int64_t count) {
-  for (int64_t i = 0; i < count; column = 0) {
-    const int64_t n = std::min(count - i, last_size - column);
-    for (int64_t j = 0; j < n; ++j) y[i + j] = plus_bias(x[i + j], bias[column + j]);
-    i += n;
-  }
-}
-
 // erf, tanh and exp one element at a time cost several times a pass over memory on the CPU,
 // so gelu, gelu_tanh and silu run through ATen's vectorised kernels. To keep one pass over
-// memory, the work goes one block of kActivationBlock row-major elements at a time: ATen's
-// activation (or its backward) on the block, and the mask rule on the block while it is still
-// in cache. `block(first, count, scratch)` does one block; scratch holds kActivationBlock
-// elements of the input's dtype for it.
+// memory, the work goes one block of whole rows (of the last dim, where the bias runs) at a
+// time: ATen's bias add and activation (or its backward) on the block, then the mask rule on
+// the block while it is still in cache. A block is a whole number of rows and of Philox
+// groups. `block(rows)` gets the block's rows as a range; scratch holds one block.
 template <typename Block>
 void for_each_activation_block(const at::Tensor& input, Block&& block) {
-  const int64_t numel = input.numel();
-  const int64_t blocks = (numel + kActivationBlock - 1) / kActivationBlock;
+  const int64_t row_size = input.dim() > 0 ? input.size(-1) : 1, rows = input.numel() / row_size;
+  const int64_t rows_per_group_step = 4 / std::gcd(row_size, int64_t{4});  // rows that fill whole groups
+  const int64_t rows_per_block =
+      std::max<int64_t>(1, kActivationBlock / row_size / rows_per_group_step) * rows_per_group_step;
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    at::Tensor scratch = at::empty({kActivationBlock}, input.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor scratch =
+        at::empty({rows_per_block, row_size}, input.options().memory_format(at::MemoryFormat::Contiguous));
     for (int64_t b = block_begin; b < block_end; ++b) {
-      const int64_t first = b * kActivationBlock;
-      block(first, std::min(kActivationBlock, numel - first), scratch);
+      const int64_t first_row = b * rows_per_block;
+      block(first_row, std::min(rows_per_block, rows - first_row), scratch);
     }
   });
 }
@@ -458,23 +453,22 @@ void aten_activation_backward(at::Tensor& grad_in, const at::Tensor& pre, Activa
 // act_dropout's forward through ATen's activation, block by block (row-major input, full mask).
 void act_dropout_by_blocks(const at::Tensor& input, const at::Tensor& bias, at::Tensor& output, RngState state,
                            double p, Activation act) {
-  const at::Tensor flat_in = input.view(-1);
-  at::Tensor flat_out = output.view(-1);
+  const int64_t row_size = input.dim() > 0 ? input.size(-1) : 1;
+  const at::Tensor rows_in = input.view({-1, row_size});
+  at::Tensor rows_out = output.view({-1, row_size});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout", [&] {
     const auto rule = OutputRule<scalar_t>::for_p(p);
     const CpuOperands<scalar_t> in_place(output, at::Tensor(), at::Tensor(), output);
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    scalar_t* y = output.mutable_data_ptr<scalar_t>();
-    const int64_t last_size = input.size(-1);
-    for_each_activation_block(input, [&](int64_t first, int64_t count, at::Tensor&) {
-      at::Tensor out_block = flat_out.narrow(0, first, count);
+    for_each_activation_block(input, [&](int64_t first_row, int64_t count, at::Tensor&) {
+      at::Tensor out_block = rows_out.narrow(0, first_row, count);
+      const at::Tensor in_block = rows_in.narrow(0, first_row, count);
       if (bias.defined()) {
-        add_bias(x + first, bias.const_data_ptr<scalar_t>(), first % last_size, last_size, y + first, count);
+        at::add_out(out_block, in_block, bias);
         aten_activation(out_block, out_block, act);
       } else {
-        aten_activation(flat_in.narrow(0, first, count), out_block, act);
+        aten_activation(in_block, out_block, act);
       }
-      apply_row_major_range<scalar_t, false>(in_place, first, count, state, rule);
+      apply_row_major_range<scalar_t, false>(in_place, first_row * row_size, count * row_size, state, rule);
     });
   });
 }
@@ -484,22 +478,21 @@ void act_dropout_by_blocks(const at::Tensor& input, const at::Tensor& bias, at::
 // input + bias (made in the scratch block where there is a bias).
 void act_dropout_backward_by_blocks(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& bias,
                                     at::Tensor& grad_input, RngState state, double p, Activation act) {
-  const at::Tensor flat_in = input.view(-1);
-  at::Tensor flat_grad_in = grad_input.view(-1);
+  const int64_t row_size = input.dim() > 0 ? input.size(-1) : 1;
+  const at::Tensor rows_in = input.view({-1, row_size});
+  at::Tensor rows_grad_in = grad_input.view({-1, row_size});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
     const auto rule = OutputRule<scalar_t>::for_p(p);
     const CpuOperands<scalar_t> replay(grad, at::Tensor(), at::Tensor(), grad_input);
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const int64_t last_size = input.size(-1);
-    for_each_activation_block(input, [&](int64_t first, int64_t count, at::Tensor& scratch) {
-      apply_row_major_range<scalar_t, false>(replay, first, count, state, rule);
-      at::Tensor pre = flat_in.narrow(0, first, count);
+    for_each_activation_block(input, [&](int64_t first_row, int64_t count, at::Tensor& scratch) {
+      apply_row_major_range<scalar_t, false>(replay, first_row * row_size, count * row_size, state, rule);
+      at::Tensor pre = rows_in.narrow(0, first_row, count);
       if (bias.defined()) {
-        pre = scratch.narrow(0, 0, count);
-        add_bias(x + first, bias.const_data_ptr<scalar_t>(), first % last_size, last_size,
-                 pre.mutable_data_ptr<scalar_t>(), count);
+        at::Tensor sum = scratch.narrow(0, 0, count);
+        at::add_out(sum, pre, bias);
+        pre = sum;
       }
-      at::Tensor grad_in_block = flat_grad_in.narrow(0, first, count);
+      at::Tensor grad_in_block = rows_grad_in.narrow(0, first_row, count);
       aten_activation_backward(grad_in_block, pre, act);
     });
   });
