@@ -246,6 +246,15 @@ def _batched_dims(shared_dims: Sequence[int], per_sample: bool) -> list:
     return dims if per_sample else dims + [0]
 
 
+def _fold_sample_bias(x: torch.Tensor, bias: Optional[torch.Tensor], bias_bdim: Optional[int]):
+    """``(x, bias)`` for an op on the batch-first ``x``: a bias vmapped per sample is added to
+    ``x`` first, in ``x``'s dtype, which is where the fused ops round input + bias too."""
+    if bias_bdim is None:
+        return x, bias
+    per_sample_bias = bias.movedim(bias_bdim, 0)
+    return x + per_sample_bias.reshape(x.shape[0], *([1] * (x.dim() - 2)), per_sample_bias.shape[-1]), None
+
+
 def _random_op_vmap(op):
     """The vmap rule of a random op with the signature of dropout."""
 
@@ -312,14 +321,8 @@ def _dropout_add_vmap(info, in_dims, input, residual, bias, p, seed=None, offset
     if input_bdim is None and residual_bdim is None and bias_bdim is None and not per_sample:
         return _dropout_add(input, residual, bias, p, seed, offset, generator, list(shared_dims)), (None, None)
     batch = info.batch_size
-    x = _batch_first(input, input_bdim, batch)
+    x, bias = _fold_sample_bias(_batch_first(input, input_bdim, batch), bias, bias_bdim)
     r = _batch_first(residual, residual_bdim, batch)
-    if bias_bdim is not None:
-        # A bias per sample is added first, in the input's dtype, which is where the fused op
-        # rounds input + bias too.
-        per_sample_bias = bias.movedim(bias_bdim, 0)
-        x = x + per_sample_bias.reshape(batch, *([1] * (x.dim() - 2)), per_sample_bias.shape[-1])
-        bias = None
     output, rng_state = _dropout_add(x, r, bias, p, seed, offset, generator, _batched_dims(shared_dims, per_sample))
     if per_sample:
         return (output, rng_state.expand(batch, 2)), (0, 0)
@@ -332,12 +335,7 @@ def _act_dropout_vmap(info, in_dims, input, bias, p, activation, seed=None, offs
     input_bdim, bias_bdim = in_dims[0], in_dims[1]
     if input_bdim is None and bias_bdim is None and not per_sample:
         return _act_dropout(input, bias, p, activation, seed, offset, generator, list(shared_dims)), (None, None)
-    x = _batch_first(input, input_bdim, info.batch_size)
-    if bias_bdim is not None:
-        # A bias per sample is added first, in the input's dtype, where the fused op rounds it too.
-        per_sample_bias = bias.movedim(bias_bdim, 0)
-        x = x + per_sample_bias.reshape(info.batch_size, *([1] * (x.dim() - 2)), per_sample_bias.shape[-1])
-        bias = None
+    x, bias = _fold_sample_bias(_batch_first(input, input_bdim, info.batch_size), bias, bias_bdim)
     dims = _batched_dims(shared_dims, per_sample)
     output, rng_state = _act_dropout(x, bias, p, activation, seed, offset, generator, dims)
     if per_sample:
@@ -353,12 +351,7 @@ def _act_dropout_backward_vmap(info, in_dims, grad, input, bias, rng_state, p, a
         return _act_dropout_backward(grad, input, bias, rng_state, p, activation, list(shared_dims)), None
     batch = info.batch_size
     g = _batch_first(grad, grad_bdim, batch)
-    x = _batch_first(input, input_bdim, batch)
-    if bias_bdim is not None:
-        # The forward's rounding of input + bias, per sample.
-        per_sample_bias = bias.movedim(bias_bdim, 0)
-        x = x + per_sample_bias.reshape(batch, *([1] * (x.dim() - 2)), per_sample_bias.shape[-1])
-        bias = None
+    x, bias = _fold_sample_bias(_batch_first(input, input_bdim, batch), bias, bias_bdim)
     state = rng_state.select(state_bdim, 0) if per_sample else rng_state
     dims = _batched_dims(shared_dims, per_sample)
     return _act_dropout_backward(g, x, bias, state, p, activation, dims), 0

@@ -44,6 +44,34 @@ struct Operands {
   int64_t last_size;  // size of the last dim, where the bias runs
 };
 
+// x[j] = x[j] + bias[column of element first + j], rounded as torch's add: one division per
+// step, not per element.
+template <typename scalar_t, int N>
+__device__ __forceinline__ void add_bias(Vec<scalar_t, N>& x, const Operands<scalar_t>& ops, int64_t first) {
+  int64_t column = first % ops.last_size;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    x.v[j] = plus_bias(x.v[j], ops.bias[column]);
+    column = column + 1 == ops.last_size ? 0 : column + 1;
+  }
+}
+
+// The rule over one step: y[j] = rule(x[j], word_of(j)), or with kPair rule.combine(r[j], x[j], word_of(j)).
+template <bool kPair, typename scalar_t, int N, typename Rule, typename WordOf>
+__device__ __forceinline__ Vec<scalar_t, N> apply_rule(const Vec<scalar_t, N>& x, const Vec<scalar_t, N>& r,
+                                                       const Rule& rule, WordOf word_of) {
+  Vec<scalar_t, N> y;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if constexpr (kPair) {
+      y.v[j] = rule.combine(r.v[j], x.v[j], word_of(j));
+    } else {
+      y.v[j] = rule(x.v[j], word_of(j));
+    }
+  }
+  return y;
+}
+
 // One step of the row-major kernel: the kStep elements from `first` on, where the logical
 // index is the memory index. kFull: all of them are in the tensor, so an aligned step is one
 // or two 16-byte loads and stores per operand; otherwise it is the tensor's last, partial step.
@@ -71,24 +99,8 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
   for (int g = 0; g < kStep / 4; ++g) w[g] = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
   // The loaded values are first touched here, after the Philox rounds, which run while the
   // loads are in flight.
-  if constexpr (kBias) {
-    int64_t column = first % ops.last_size;  // one division per step, not per element
-#pragma unroll
-    for (int j = 0; j < kStep; ++j) {
-      x.v[j] = plus_bias(x.v[j], ops.bias[column]);
-      column = column + 1 == ops.last_size ? 0 : column + 1;
-    }
-  }
-  V y;
-#pragma unroll
-  for (int k = 0; k < kStep; ++k) {
-    const uint32_t word = w[k / 4].w[k % 4];
-    if constexpr (kPair) {
-      y.v[k] = rule.combine(r.v[k], x.v[k], word);
-    } else {
-      y.v[k] = rule(x.v[k], word);
-    }
-  }
+  if constexpr (kBias) add_bias(x, ops, first);
+  const V y = apply_rule<kPair>(x, r, rule, [&](int k) { return w[k / 4].w[k % 4]; });
   if constexpr (kAligned && kFull) {
     *reinterpret_cast<V*>(ops.out + first) = y;
   } else {
@@ -149,24 +161,8 @@ __global__ void __launch_bounds__(kThreads)
       if (kPair) r.v[j] = j < count ? ops.res[first + j] : scalar_t(0);
     }
   }
-  if constexpr (kBias) {
-    int64_t column = first % ops.last_size;
-#pragma unroll
-    for (int j = 0; j < kStep; ++j) {
-      x.v[j] = plus_bias(x.v[j], ops.bias[column]);
-      column = column + 1 == ops.last_size ? 0 : column + 1;
-    }
-  }
-  V y;
-#pragma unroll
-  for (int j = 0; j < kStep; ++j) {
-    const uint32_t word = j < next_row_at ? word0 : word1;
-    if constexpr (kPair) {
-      y.v[j] = rule.combine(r.v[j], x.v[j], word);
-    } else {
-      y.v[j] = rule(x.v[j], word);
-    }
-  }
+  if constexpr (kBias) add_bias(x, ops, first);
+  const V y = apply_rule<kPair>(x, r, rule, [&](int j) { return j < next_row_at ? word0 : word1; });
   if (kAligned && count == kStep) {
     *reinterpret_cast<V*>(ops.out + first) = y;
   } else {
