@@ -174,6 +174,30 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+class Progress:
+    """A tqdm bar over all rounds (warm-up and timed) on a terminal; plain lines on stderr
+    otherwise (CI, logs); nothing with --quiet."""
+
+    def __init__(self, total, quiet):
+        from bench_dropout import progress_bar
+
+        self.quiet = quiet
+        self.bar = progress_bar(total, quiet)
+        if self.bar is not None:
+            self.bar.unit = "round"
+
+    def step(self, message):
+        if self.bar is not None:
+            self.bar.set_description(message)
+            self.bar.update()
+        elif not self.quiet:
+            print(f"  {message}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def bench_model(name, build, make_batch, device, modes, steps, warmup, progress):
     torch.manual_seed(0)
     stock = build(False).to(device)
@@ -188,14 +212,14 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
             m.train()
             runnable = torch.compile(m) if mode == "compiled" else m
             variants[(kind, mode)] = {"model": m, "step": make_step(runnable, batch, loss_fn), "ms": []}
-    for key, v in variants.items():  # warm-up (and compilation) first
-        progress(f"{name}: warm-up {key[0]} {key[1]}")
-        for _ in range(warmup):
+    for i in range(warmup):  # warm-up (and compilation) first
+        progress.step(f"{name}: warm-up {i + 1}/{warmup}")
+        for v in variants.values():
             v["step"]()
     if device.type == "cuda":
         torch.cuda.synchronize()
     for i in range(steps):  # interleaved rounds
-        progress(f"{name}: round {i + 1}/{steps}")
+        progress.step(f"{name}: round {i + 1}/{steps}")
         for v in variants.values():
             v["ms"].append(timed(v["step"], device))
     rows = []
@@ -286,7 +310,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20, quick 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--out", default="runs/bench_models", help="folder for results.{md,json} and speedup.png")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")
     args = parser.parse_args()
     if not torch.cuda.is_available():  # torch.compile's "No CUDA runtime is found" log line
         import logging
@@ -295,12 +319,12 @@ def main():
     device = torch.device(args.device)
     steps = args.steps or (3 if args.quick else 20)
     warmup = 1 if args.quick and args.warmup == 3 else args.warmup
-    progress = (lambda msg: None) if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    specs = [spec for spec in model_specs(device, args.quick) if not args.models or spec[0] in args.models]
+    progress = Progress(len(specs) * (warmup + steps), args.quiet)
     rows = []
-    for name, build, make_batch in model_specs(device, args.quick):
-        if args.models and name not in args.models:
-            continue
+    for name, build, make_batch in specs:
         rows += bench_model(name, build, make_batch, device, args.modes, steps, warmup, progress)
+    progress.close()
     device_name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
