@@ -281,6 +281,22 @@ def test_act_dropout_backward_of_a_sum(device, activation):
     torch.testing.assert_close(b.grad.cpu(), bc.grad)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_act_dropout_on_many_cpu_blocks_with_a_bias_that_requires_grad(activation):
+    # Large enough that the CPU's activation blocks run on worker threads, where the ATen
+    # steps inside the kernel must still run below autograd (the bias is a leaf here).
+    x = random_input((512, 1024), torch.float32).requires_grad_(True)
+    b = random_input((1024,), torch.float32, seed=1).requires_grad_(True)
+    out = fused_dropout.act_dropout(x, 0.3, activation=activation, bias=b, seed=SEED)
+    torch.testing.assert_close(out, expected_act_dropout(x.detach(), b.detach(), 0.3, activation, SEED))
+    out.sum().backward()
+    keep = torch.from_numpy(reference.keep_mask(x.shape, 0.3, SEED))
+    xc, bc = x.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    (TORCH_ACTIVATIONS[activation](xc + bc) * keep * torch.tensor(1 / 0.7)).sum().backward()
+    torch.testing.assert_close(x.grad, xc.grad)
+    torch.testing.assert_close(b.grad, bc.grad)
+
+
 def test_act_dropout_backward_with_batched_grads():
     x = random_input((6, 16), torch.float32).requires_grad_(True)
     b = random_input((16,), torch.float32, seed=1).requires_grad_(True)

@@ -14,6 +14,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -414,17 +415,22 @@ bool runs_activation_through_aten(Activation act) {
 // memory, the work goes one block of whole rows (of the last dim, where the bias runs) at a
 // time: ATen's bias add and activation (or its backward) on the block, then the mask rule on
 // the block while it is still in cache. A block is a whole number of rows and of Philox
-// groups. `block(rows)` gets the block's rows as a range; scratch holds one block.
+// groups. `block(first_row, rows, scratch)` does one block; with `with_scratch`, scratch is a
+// block-sized buffer of the input's dtype for it to use (else undefined).
 template <typename Block>
-void for_each_activation_block(const at::Tensor& input, Block&& block) {
+void for_each_activation_block(const at::Tensor& input, bool with_scratch, Block&& block) {
   const int64_t row_size = input.dim() > 0 ? input.size(-1) : 1, rows = input.numel() / row_size;
   const int64_t rows_per_group_step = 4 / std::gcd(row_size, int64_t{4});  // rows that fill whole groups
   const int64_t rows_per_block =
       std::max<int64_t>(1, kActivationBlock / row_size / rows_per_group_step) * rows_per_group_step;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    at::Tensor scratch =
-        at::empty({rows_per_block, row_size}, input.options().memory_format(at::MemoryFormat::Contiguous));
+    // The ATen calls below are this kernel's own steps, so they run below autograd, as the
+    // calling thread does; a worker thread does not inherit that from it.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor scratch = with_scratch ? at::empty({rows_per_block, row_size},
+                                                  input.options().memory_format(at::MemoryFormat::Contiguous))
+                                      : at::Tensor();
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t first_row = b * rows_per_block;
       block(first_row, std::min(rows_per_block, rows - first_row), scratch);
@@ -459,7 +465,7 @@ void act_dropout_by_blocks(const at::Tensor& input, const at::Tensor& bias, at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout", [&] {
     const auto rule = OutputRule<scalar_t>::for_p(p);
     const CpuOperands<scalar_t> in_place(output, at::Tensor(), at::Tensor(), output);
-    for_each_activation_block(input, [&](int64_t first_row, int64_t count, at::Tensor&) {
+    for_each_activation_block(input, /*with_scratch=*/false, [&](int64_t first_row, int64_t count, at::Tensor&) {
       at::Tensor out_block = rows_out.narrow(0, first_row, count);
       const at::Tensor in_block = rows_in.narrow(0, first_row, count);
       if (bias.defined()) {
@@ -484,7 +490,7 @@ void act_dropout_backward_by_blocks(const at::Tensor& grad, const at::Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
     const auto rule = OutputRule<scalar_t>::for_p(p);
     const CpuOperands<scalar_t> replay(grad, at::Tensor(), at::Tensor(), grad_input);
-    for_each_activation_block(input, [&](int64_t first_row, int64_t count, at::Tensor& scratch) {
+    for_each_activation_block(input, bias.defined(), [&](int64_t first_row, int64_t count, at::Tensor& scratch) {
       apply_row_major_range<scalar_t, false>(replay, first_row * row_size, count * row_size, state, rule);
       at::Tensor pre = rows_in.narrow(0, first_row, count);
       if (bias.defined()) {
