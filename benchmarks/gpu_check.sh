@@ -120,10 +120,14 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     b = torch.randn(65, device="cuda", dtype=dtype)
     fused_dropout.dropout_add(r.clone(), r, 0.1, bias=b)
     fused_dropout.dropout_add(r.t().contiguous().t(), r, 0.1, bias=b)   # strided operands
-    fused_dropout.drop_path_add(r, r, 0.5, scale=b)                     # mask shared per sample
+    fused_dropout.drop_path_add(r, r, 0.5, scale=b)                     # row-shared kernel
+    fused_dropout.drop_path_add(r[1:], r[1:], 0.5)                      # row-shared, misaligned
+    fused_dropout.dropout2d(z.contiguous(), 0.5)                        # row-shared: NCHW channels
     for activation in ("relu", "gelu", "gelu_tanh", "silu", "squared_relu"):
         a = r.clone().requires_grad_(True)
-        fused_dropout.act_dropout(a, 0.1, activation=activation, bias=b).sum().backward()
+        fused_dropout.act_dropout(a, 0.1, activation=activation, bias=b).sum().backward()  # expanded grad
+        out = fused_dropout.act_dropout(a, 0.1, activation=activation, bias=b)
+        out.backward(torch.randn_like(out))                             # one-pass backward, row-major
         fused_dropout.act_dropout(r.t(), 0.1, activation=activation)   # strided, no bias
     fused_dropout.alpha_dropout(r, 0.2, True)
     fused_dropout.feature_alpha_dropout(z, 0.2, True)
