@@ -48,6 +48,30 @@ def test_drop_path_add_equals_the_unfused_composition(device):
     assert torch.equal(fused_dropout.drop_path_add(x, residual, 0.5, False, scale=gamma), residual + x * gamma)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", [1, 3, 8, 17, 1024])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_per_sample_masks_on_every_row_length(device, dtype, row, misaligned):
+    # Rows shorter than a 16-byte step take the strided walk on CUDA, longer ones the
+    # row-shared kernel, whose steps can straddle two rows; an offset view takes its
+    # unaligned form. Forward (plain and with residual and bias) and backward, bit for bit.
+    storage = random_input((37 * row + 1,), dtype, device)
+    x = (storage[1:] if misaligned else storage[:-1]).view(37, row).requires_grad_(True)
+    residual = random_input((37, row), dtype, device, seed=1)
+    bias = random_input((row,), dtype, device, seed=2)
+    out = fused_dropout.stochastic_depth(x, 0.4, "row", seed=SEED)
+    assert_bitwise_equal(out, reference.dropout(x, 0.4, SEED, shared_dims=(1,)))
+    grad = random_input((37, row), dtype, device, seed=3)
+    (x_grad,) = torch.autograd.grad(out, x, grad)
+    assert_bitwise_equal(x_grad, reference.dropout(grad, 0.4, SEED, shared_dims=(1,)))
+    added = fused_dropout.ops.dropout_add(x.detach(), residual, bias, 0.4, SEED, 0, None, (1,))[0]
+    pre = (x.detach().cpu() + bias.cpu()).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = (residual.cpu().to(acc) + reference.dropout(pre, 0.4, SEED, shared_dims=(1,)).to(acc)).to(dtype)
+    assert_bitwise_equal(added, expected)
+
+
 _NO_READ_OF_DROPPED_SAMPLES = """
 import ctypes, mmap, sys
 import torch, fused_dropout
