@@ -4,7 +4,9 @@
 // kernels' indexing wherever a C++ compiler is, GPU or not: for the row-major kernel the full
 // and partial steps, aligned and unaligned operands and the bias column; for the strided
 // kernel permuted, channels_last, sliced, expanded and transposed operands and shared masks,
-// walked in the merged layout (csrc/layout.h) that dropout_cuda.cu launches it with.
+// walked in the merged layout (csrc/layout.h) that dropout_cuda.cu launches it with, or sent
+// to the row-shared kernel where dropout_cuda.cu sends them; for the row-shared kernel rows
+// of every length from one step, and that it never reads a dropped row's input.
 // Built and run by tests/test_cuda_kernel_on_host.py; exits non-zero on any difference.
 #include <algorithm>
 #include <cstdint>
@@ -249,6 +251,8 @@ int64_t span(const std::vector<int64_t>& sizes, const std::vector<int64_t>& stri
   return last + 1;
 }
 
+int row_shared_launches = 0;  // launches of strided cases that dropout_cuda.cu sends to the row-shared kernel
+
 template <typename T, bool kPair, TestRule kRule = TestRule::kDropout>
 bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   constexpr bool kBias = kPair || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
@@ -274,10 +278,19 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   const int64_t ndim = static_cast<int64_t>(c.sizes.size());
   const MergedLayout layout = kBias ? merge_dims(ndim, c.sizes.data(), strides)
                                     : merge_dims_in_memory_order(ndim, c.sizes.data(), strides, kOut);
-  const int64_t blocks = std::max<int64_t>(1, ((numel + 3) / 4 + kThreads - 1) / kThreads);
+  // dropout_cuda.cu's choice: the row-shared kernel where the merged walk is dense rows of at
+  // least one step with one mask value each, else the strided kernel.
+  constexpr int64_t kStep = step_elems<T>();
+  const int64_t row_size = shared_row_size(layout);
+  const bool row_shared = row_size >= kStep;
+  row_shared_launches += row_shared;
+  const int64_t blocks =
+      std::max<int64_t>(1, ((row_shared ? (numel + kStep - 1) / kStep : (numel + 3) / 4) + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
-      if (c.wide_index) {
+      if (row_shared) {
+        row_shared_kernel<T, /*kAligned=*/false, kPair, kBias>(ops, row_size, state, rule);
+      } else if (c.wide_index) {
         strided_kernel<T, kPair, uint64_t>(ops, layout, state, rule);
       } else {
         strided_kernel<T, kPair, uint32_t>(ops, layout, state, rule);
@@ -332,6 +345,13 @@ std::vector<StridedCase> strided_cases() {
   cases.push_back({"sliced rows, many blocks", {40, 700}, {2800, 2}, row_major({40, 700}), {}, {}});
   cases.push_back({"channels_last, 64-bit index", nchw, channels_last, channels_last, channels_last, {}, true});
   cases.push_back({"odd channels_last, short inner runs", {3, 3, 5, 2}, {30, 1, 6, 3}, {30, 1, 6, 3}, {}, {}});
+  // Masks shared per sample (stochastic depth) and over everything (mode "batch").
+  const std::vector<int64_t> samples = {6, 3, 4, 5};
+  cases.push_back({"per sample", samples, row_major(samples), row_major(samples), {}, {1, 2, 3}});
+  cases.push_back({"per sample, channels_last", nchw, channels_last, channels_last, channels_last, {1, 2, 3}});
+  cases.push_back({"per sample, residual transposed", {6, 40}, {40, 1}, {40, 1}, {1, 6}, {1}});
+  cases.push_back({"per sample, short rows", {9, 2}, {2, 1}, {2, 1}, {}, {1}});
+  cases.push_back({"one mask value", samples, row_major(samples), row_major(samples), {}, {0, 1, 2, 3}});
   return cases;
 }
 
@@ -347,7 +367,9 @@ int strided_failures(std::mt19937& gen) {
     failed += !strided_kernel_matches_rule<T, true, TestRule::kGeluGrad>(c, gen);
     cases += 3;
   }
-  std::printf("strided kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
+  std::printf("strided kernel, %zu-byte type: %d of %d launches differ (%d of them row-shared)\n", sizeof(T), failed,
+              cases, row_shared_launches);
+  row_shared_launches = 0;
   return failed;
 }
 
