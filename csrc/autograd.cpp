@@ -69,6 +69,14 @@ bool needs_grad(std::initializer_list<const at::Tensor*> tensors) {
 // The forward-mode tangent of t, or an undefined tensor.
 at::Tensor tangent_of(const at::Tensor* t) { return defined(t) ? t->_fw_grad(kTangentLevel) : at::Tensor(); }
 
+// True when any of the defined tensors carries a forward-mode tangent.
+bool has_tangent(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (tangent_of(t).defined()) return true;
+  }
+  return false;
+}
+
 // t without its tangent, where a tangent's own computation needs t's value.
 at::Tensor primal_of(const at::Tensor& t) {
   return t.defined() && t._fw_grad(kTangentLevel).defined() ? t._fw_primal(kTangentLevel) : t;
@@ -271,7 +279,7 @@ at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state,
 
 at::Tensor& replay_inplace_autograd(at::Tensor& input, const at::Tensor& rng_state, double p,
                                     at::IntArrayRef shared_dims) {
-  if (needs_grad({&input}) || tangent_of(&input).defined()) {
+  if (needs_grad({&input}) || has_tangent({&input})) {
     return input.copy_(replay_autograd(input, rng_state, p, shared_dims, std::nullopt));
   }
   static const auto op = op_handle<ReplayInplaceSignature>("fused_dropout::dropout_replay_");
@@ -291,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input,
                                                         std::optional<int64_t> seed, int64_t offset,
                                                         std::optional<at::Generator> generator,
                                                         at::IntArrayRef shared_dims) {
-  const at::Tensor no_bias;
-  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  const c10::MaybeOwned<at::Tensor> bias_or_undefined = at::borrow_from_optional_tensor(bias);
+  const at::Tensor& b = *bias_or_undefined;
   static const auto op = op_handle<DropoutAddSignature>("fused_dropout::dropout_add");
   auto [output, rng_state] = below_autograd(op, input, residual, bias, p, seed, offset, generator, shared_dims);
   if (needs_grad({&input, &residual, &b})) {
@@ -313,8 +321,8 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_autograd(const at::Tensor& input,
                                                         std::optional<int64_t> seed, int64_t offset,
                                                         std::optional<at::Generator> generator,
                                                         at::IntArrayRef shared_dims) {
-  const at::Tensor no_bias;
-  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
+  const c10::MaybeOwned<at::Tensor> bias_or_undefined = at::borrow_from_optional_tensor(bias);
+  const at::Tensor& b = *bias_or_undefined;
   static const auto op = op_handle<ActDropoutSignature>("fused_dropout::act_dropout");
   auto [output, rng_state] = below_autograd(op, input, bias, p, activation, seed, offset, generator, shared_dims);
   if (needs_grad({&input, &b})) {
@@ -340,10 +348,9 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_autograd(const at::Tensor& input,
 at::Tensor act_dropout_backward_autograd(const at::Tensor& grad, const at::Tensor& input,
                                          const std::optional<at::Tensor>& bias, const at::Tensor& rng_state, double p,
                                          c10::string_view activation, at::IntArrayRef shared_dims) {
-  const at::Tensor no_bias;
-  const at::Tensor& b = bias.has_value() ? *bias : no_bias;
-  const bool differentiated = needs_grad({&grad, &input, &b}) || tangent_of(&grad).defined() ||
-                              tangent_of(&input).defined() || tangent_of(&b).defined();
+  const c10::MaybeOwned<at::Tensor> bias_or_undefined = at::borrow_from_optional_tensor(bias);
+  const at::Tensor& b = *bias_or_undefined;
+  const bool differentiated = needs_grad({&grad, &input, &b}) || has_tangent({&grad, &input, &b});
   if (!differentiated) {
     static const auto op = op_handle<ActDropoutBackwardSignature>("fused_dropout::act_dropout_backward");
     return below_autograd(op, grad, input, bias, rng_state, p, activation, shared_dims);

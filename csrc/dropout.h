@@ -136,6 +136,9 @@ MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, co
 // The CPU inner loops this process runs: "avx512" or "portable".
 const char* cpu_loops_name();
 
+// An op's optional bias as the kernels read it (contiguous), or an undefined tensor.
+at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias);
+
 // The output of an out-of-place call: same shape, dtype, device and memory format as the input.
 at::Tensor empty_output_like(const at::Tensor& input);
 

@@ -48,17 +48,15 @@ void check_inplace_target(const char* op, const at::Tensor& input) {
               input.strides());
 }
 
-void check_bias(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bias);
-
-void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
-                            const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual must have the input's shape ", input.sizes(), ", got ",
-              residual.sizes());
-  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), op, ": residual must have the input's dtype ",
-              input.scalar_type(), ", got ", residual.scalar_type());
-  TORCH_CHECK(residual.device() == input.device(), op, ": residual must be on the input's device ", input.device(),
-              ", got ", residual.device());
-  check_bias(op, input, bias);
+// A second tensor operand (dropout_add's residual, act_dropout_backward's grad) must have the
+// input's shape, dtype and device.
+void check_like_input(const char* op, const char* name, const at::Tensor& input, const at::Tensor& other) {
+  TORCH_CHECK(other.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ", input.sizes(), ", got ",
+              other.sizes());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
+              input.scalar_type(), ", got ", other.scalar_type());
+  TORCH_CHECK(other.device() == input.device(), op, ": ", name, " must be on the input's device ", input.device(),
+              ", got ", other.device());
 }
 
 void check_bias(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bias) {
@@ -142,7 +140,8 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
                                   int64_t offset, const std::optional<at::Generator>& generator,
                                   at::IntArrayRef shared_dims) {
   check_input_and_p(op, input, p);
-  check_dropout_add_args(op, input, residual, bias);
+  check_like_input(op, "residual", input, residual);
+  check_bias(op, input, bias);
   check_randomness_args(op, seed, offset, generator);
   return mask_layout(op, input, shared_dims);
 }
@@ -178,12 +177,7 @@ std::pair<MaskLayout, Activation> check_act_dropout_backward_call(
     const at::Tensor& rng_state, double p, c10::string_view activation, at::IntArrayRef shared_dims) {
   const Activation act = parse_activation(op, activation);
   check_input_and_p(op, input, p);
-  TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad must have the input's shape ", input.sizes(), ", got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad must have the input's dtype ", input.scalar_type(),
-              ", got ", grad.scalar_type());
-  TORCH_CHECK(grad.device() == input.device(), op, ": grad must be on the input's device ", input.device(), ", got ",
-              grad.device());
+  check_like_input(op, "grad", input, grad);
   check_bias(op, input, bias);
   check_rng_state(op, input, rng_state);
   return {mask_layout(op, input, shared_dims), act};
@@ -197,6 +191,10 @@ MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, co
   if (order == WalkOrder::kOutputMemory)
     return merge_dims_in_memory_order(input.dim(), input.sizes().data(), strides, kOut);
   return merge_dims(input.dim(), input.sizes().data(), strides);
+}
+
+at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
 }
 
 at::Tensor empty_output_like(const at::Tensor& input) { return at::empty_like(input, at::MemoryFormat::Preserve); }

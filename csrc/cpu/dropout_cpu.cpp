@@ -456,26 +456,31 @@ void aten_activation_backward(at::Tensor& grad_in, const at::Tensor& pre, Activa
   }
 }
 
+// The call's mask rule over a block of its row-major elements from `first` on (a whole
+// Philox group), `in` into `out` (which may be `in`): the mask of a call whose state starts
+// first / 4 groups later.
+void mask_block(const at::Tensor& in, at::Tensor& out, RngState state, double p, int64_t first) {
+  MaskLayout full;
+  full.numel = in.numel();
+  dispatch_apply(in, at::Tensor(), out, full, {state.seed, state.base + static_cast<uint64_t>(first / 4)}, p);
+}
+
 // act_dropout's forward through ATen's activation, block by block (row-major input, full mask).
 void act_dropout_by_blocks(const at::Tensor& input, const at::Tensor& bias, at::Tensor& output, RngState state,
                            double p, Activation act) {
   const int64_t row_size = input.dim() > 0 ? input.size(-1) : 1;
   const at::Tensor rows_in = input.view({-1, row_size});
   at::Tensor rows_out = output.view({-1, row_size});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout", [&] {
-    const auto rule = OutputRule<scalar_t>::for_p(p);
-    const CpuOperands<scalar_t> in_place(output, at::Tensor(), at::Tensor(), output);
-    for_each_activation_block(input, /*with_scratch=*/false, [&](int64_t first_row, int64_t count, at::Tensor&) {
-      at::Tensor out_block = rows_out.narrow(0, first_row, count);
-      const at::Tensor in_block = rows_in.narrow(0, first_row, count);
-      if (bias.defined()) {
-        at::add_out(out_block, in_block, bias);
-        aten_activation(out_block, out_block, act);
-      } else {
-        aten_activation(in_block, out_block, act);
-      }
-      apply_row_major_range<scalar_t, false>(in_place, first_row * row_size, count * row_size, state, rule);
-    });
+  for_each_activation_block(input, /*with_scratch=*/false, [&](int64_t first_row, int64_t count, at::Tensor&) {
+    at::Tensor out_block = rows_out.narrow(0, first_row, count);
+    const at::Tensor in_block = rows_in.narrow(0, first_row, count);
+    if (bias.defined()) {
+      at::add_out(out_block, in_block, bias);
+      aten_activation(out_block, out_block, act);
+    } else {
+      aten_activation(in_block, out_block, act);
+    }
+    mask_block(out_block, out_block, state, p, first_row * row_size);
   });
 }
 
@@ -486,21 +491,18 @@ void act_dropout_backward_by_blocks(const at::Tensor& grad, const at::Tensor& in
                                     at::Tensor& grad_input, RngState state, double p, Activation act) {
   const int64_t row_size = input.dim() > 0 ? input.size(-1) : 1;
   const at::Tensor rows_in = input.view({-1, row_size});
+  const at::Tensor rows_grad = grad.view({-1, row_size});
   at::Tensor rows_grad_in = grad_input.view({-1, row_size});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
-    const auto rule = OutputRule<scalar_t>::for_p(p);
-    const CpuOperands<scalar_t> replay(grad, at::Tensor(), at::Tensor(), grad_input);
-    for_each_activation_block(input, bias.defined(), [&](int64_t first_row, int64_t count, at::Tensor& scratch) {
-      apply_row_major_range<scalar_t, false>(replay, first_row * row_size, count * row_size, state, rule);
-      at::Tensor pre = rows_in.narrow(0, first_row, count);
-      if (bias.defined()) {
-        at::Tensor sum = scratch.narrow(0, 0, count);
-        at::add_out(sum, pre, bias);
-        pre = sum;
-      }
-      at::Tensor grad_in_block = rows_grad_in.narrow(0, first_row, count);
-      aten_activation_backward(grad_in_block, pre, act);
-    });
+  for_each_activation_block(input, bias.defined(), [&](int64_t first_row, int64_t count, at::Tensor& scratch) {
+    at::Tensor grad_in_block = rows_grad_in.narrow(0, first_row, count);
+    mask_block(rows_grad.narrow(0, first_row, count), grad_in_block, state, p, first_row * row_size);
+    at::Tensor pre = rows_in.narrow(0, first_row, count);
+    if (bias.defined()) {
+      at::Tensor sum = scratch.narrow(0, 0, count);
+      at::add_out(sum, pre, bias);
+      pre = sum;
+    }
+    aten_activation_backward(grad_in_block, pre, act);
   });
 }
 
@@ -512,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, cons
   const auto [layout, act] =
       check_act_dropout_call(kOp, input, bias, p, activation, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_bias(bias);
   if (runs_activation_through_aten(act)) {
     if (!layout.shared && input.is_contiguous()) {
       at::Tensor output = new_output(input);
@@ -538,7 +540,7 @@ at::Tensor act_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& in
   const auto [layout, act] =
       check_act_dropout_backward_call(kOp, grad, input, bias, rng_state, p, activation, shared_dims);
   const RngState state = read_state(rng_state);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_bias(bias);
   at::Tensor grad_input = new_output(input);
   if (input.numel() == 0) return grad_input;
   if (runs_activation_through_aten(act)) {
@@ -568,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
   const MaskLayout layout = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator, shared_dims);
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = new_output(input);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_bias(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
     apply<scalar_t, true>(input, residual, bias_contiguous, output, layout, state, OutputRule<scalar_t>::for_p(p));
   });

@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_cuda(const at::Tensor& input, con
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_bias(bias);
   dispatch_launch(input, bias_contiguous, output, mask,
                   StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state), p,
                   RuleSpec{RuleSpec::Form::kAct, act});
@@ -235,7 +235,7 @@ at::Tensor act_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& i
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
   at::Tensor grad_input = empty_output_like(input);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_bias(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "act_dropout_backward", [&] {
     visit_act_grad_rule<scalar_t>(act, p, [&](const auto& rule) {
       launch<scalar_t, true>(input, grad, bias_contiguous, grad_input, mask, StateSource::saved_in(state), rule);
@@ -255,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
   const StateSource src = StateSource::drawn(reserve_state(input, mask, seed, offset, generator), rng_state);
-  const at::Tensor bias_contiguous = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_bias(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add", [&] {
     launch<scalar_t, true>(input, residual, bias_contiguous, output, mask, src, OutputRule<scalar_t>::for_p(p));
   });
