@@ -83,9 +83,13 @@ def choose_cuda():
     return cuda_home, "torch CUDA %s, toolkit %s" % (torch.version.cuda, cuda_home)
 
 
-def write_build_info(cuda_home, cpu_only_reason):
+BUILD_CONFIG = {}
+
+
+def write_build_info(path, cuda_home, cpu_only_reason):
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda_home else ""
-    BUILD_INFO.write_text(
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(
         "# Written by setup.py at build time: what this build of the extension was compiled against.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
@@ -128,7 +132,7 @@ def extensions():
             % (reason, os.environ["TORCH_CUDA_ARCH_LIST"], "; DEBUG" if debug else ""),
             flush=True,
         )
-        write_build_info(cuda_home, None)
+        BUILD_CONFIG.update(cuda_home=cuda_home, cpu_only_reason=None)
         ext = CUDAExtension(
             "fused_dropout._C",
             sources,
@@ -139,7 +143,7 @@ def extensions():
         )
     else:
         print("fused_dropout setup: building CPU kernels only (%s)" % reason, flush=True)
-        write_build_info(None, reason)
+        BUILD_CONFIG.update(cuda_home=None, cpu_only_reason=reason)
         ext = CppExtension(
             "fused_dropout._C",
             sources,
@@ -162,9 +166,21 @@ def main():
             )
         setup()  # an sdist or metadata: no compiler, no torch
         return
+
+    class BuildWithInfo(BuildExtension.with_options(use_ninja=True)):
+        """Writes _build_info.py beside the extension it describes: into the build folder, and
+        into the source tree only when the extension goes there too (an editable or in-place
+        build), so that a plain install leaves the source tree as it was."""
+
+        def run(self):
+            super().run()
+            write_build_info(Path(self.build_lib) / "fused_dropout" / "_build_info.py", **BUILD_CONFIG)
+            if self.inplace or getattr(self, "editable_mode", False):
+                write_build_info(BUILD_INFO, **BUILD_CONFIG)
+
     setup(
         ext_modules=extensions() if compiling else [],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildWithInfo},
     )
 
 

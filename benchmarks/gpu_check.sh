@@ -71,8 +71,8 @@ $PY -c "import fused_dropout as f; assert f.has_cuda_kernels(); print('CUDA kern
 $PY benchmarks/studies/sass_load_distance.py --arch sm_90 >"$OUT/sass_load_distance.txt" 2>&1 || true
 cat "$OUT/sass_load_distance.txt"
 
-step "CUDA tests (slow ones included)"
-run_limited 200 "$OUT/tests.log" $PY -m pytest -q -m cuda --runslow tests -p no:cacheprovider -rfE || status=1
+step "tests: every CUDA test (slow ones included) and the fast CPU suite, on this torch"
+run_limited 200 "$OUT/tests.log" $PY -m pytest -q --runslow -m "cuda or not slow" tests -p no:cacheprovider -rfE || status=1
 tail -15 "$OUT/tests.log"
 pack
 

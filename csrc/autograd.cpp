@@ -11,6 +11,7 @@
 // into the input, so that torch's copy_ brings the in-place rules: the leaf and view checks
 // before any write, views rebased onto their base, the version bump and the tangent carried
 // over. Without autograd it runs in place (inplace.cpp bumps the version).
+#include <numeric>
 #include <type_traits>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -95,6 +96,15 @@ at::Tensor sum_defined(std::initializer_list<at::Tensor> parts, const at::Tensor
   return total;
 }
 
+// d/d bias of a bias broadcast over the last dim: the gradient summed over every other dim.
+// An empty tensor gives zeros, as torch's own broadcast backward does.
+at::Tensor sum_to_last_dim(const at::Tensor& grad) {
+  if (grad.dim() <= 1) return grad;
+  std::vector<int64_t> dims(grad.dim() - 1);
+  std::iota(dims.begin(), dims.end(), 0);
+  return grad.sum(dims);
+}
+
 // Through the dispatcher, so that the replay is itself differentiable under create_graph.
 at::Tensor replay(const at::Tensor& grad, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
                   std::optional<double> scale = std::nullopt) {
@@ -155,6 +165,10 @@ struct ReplayMaskBackward : public Node {
   std::vector<int64_t> shared_dims;
   std::optional<double> scale;  // alpha dropout: its a, in place of 1 / (1 - p)
   bool with_residual = false;   // dropout_add: next edges are (input, residual, bias)
+  // The input's dtype. dropout_add's output may be wider (a residual of another dtype): the
+  // gradient is then rounded to the input's dtype before the mask, as the unfused
+  // composition's backward rounds it.
+  at::ScalarType input_dtype = at::kFloat;
 
   std::string name() const override { return with_residual ? "DropoutAddBackward" : "DropoutBackward"; }
   void release_variables() override { rng_state.reset_data(); }
@@ -165,10 +179,11 @@ struct ReplayMaskBackward : public Node {
     if (!grad_output.defined()) return grad_inputs;
     const bool want_bias = with_residual && should_compute_output(2);
     if (should_compute_output(0) || want_bias) {
-      const at::Tensor grad_input = replay(grad_output, rng_state.unpack(), p, shared_dims, scale);
+      const at::Tensor grad_dropped =
+          grad_output.scalar_type() == input_dtype ? grad_output : grad_output.to(input_dtype);
+      const at::Tensor grad_input = replay(grad_dropped, rng_state.unpack(), p, shared_dims, scale);
       if (should_compute_output(0)) grad_inputs[0] = grad_input;
-      // d/d bias: the input's gradient summed over every dim but the last.
-      if (want_bias) grad_inputs[2] = grad_input.reshape({-1, grad_input.size(-1)}).sum(0);
+      if (want_bias) grad_inputs[2] = sum_to_last_dim(grad_input);
     }
     if (with_residual && should_compute_output(1)) grad_inputs[1] = grad_output;
     return grad_inputs;
@@ -196,7 +211,7 @@ struct ActDropoutBackward : public Node {
     const at::Tensor grad_pre =
         act_dropout_derivative(grads[0], input.unpack(), bias.unpack(), rng_state.unpack(), p, shared_dims, activation);
     if (should_compute_output(0)) grad_inputs[0] = grad_pre;
-    if (should_compute_output(1)) grad_inputs[1] = grad_pre.reshape({-1, grad_pre.size(-1)}).sum(0);
+    if (should_compute_output(1)) grad_inputs[1] = sum_to_last_dim(grad_pre);
     return grad_inputs;
   }
 };
@@ -221,8 +236,9 @@ auto new_node(const Inputs&... inputs) {
 // Records `output` as made from `inputs` by a replay of rng_state's mask.
 template <typename... Inputs>
 void record_replay(const at::Tensor& output, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                   std::optional<double> scale, bool with_residual, const Inputs&... inputs) {
-  auto node = new_node<ReplayMaskBackward>(inputs...);
+                   std::optional<double> scale, bool with_residual, const at::Tensor& input, const Inputs&... others) {
+  auto node = new_node<ReplayMaskBackward>(input, others...);
+  node->input_dtype = input.scalar_type();
   node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
   node->p = p;
   node->shared_dims = shared_dims.vec();
@@ -306,12 +322,12 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input,
   if (needs_grad({&input, &residual, &b})) {
     record_replay(output, rng_state, p, shared_dims, std::nullopt, true, input, residual, b);
   }
-  // d output = d residual + mask * scale * (d input + d bias)
+  // d output = d residual + mask * scale * (d input + d bias), in the output's dtype
   const at::Tensor dropped = sum_defined({tangent_of(&input), tangent_of(&b)}, input);
   const at::Tensor residual_tangent = tangent_of(&residual);
   if (dropped.defined() || residual_tangent.defined()) {
     const at::Tensor replayed = dropped.defined() ? replay(dropped, rng_state, p, shared_dims) : at::Tensor();
-    set_tangent(output, sum_defined({replayed, residual_tangent}, input));
+    set_tangent(output, sum_defined({replayed, residual_tangent}, input).to(output.scalar_type()));
   }
   return {output, rng_state};
 }

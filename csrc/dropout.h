@@ -29,6 +29,26 @@ struct MaskLayout {
 
 // The argument checks of the ops. `op` names the operator in messages, e.g.
 // "fused_dropout::dropout"; every message names the argument, the expectation and the value.
+// Each check_*_args runs the checks alone, on metadata only (sizes compared as SymInts): the
+// Meta kernels (meta.cpp) run them, so fake tensors and meta tensors are refused with eager's
+// messages. Each check_*_call runs the same checks and returns the mask layout.
+
+void check_dropout_args(const char* op, const at::Tensor& input, double p, const std::optional<int64_t>& seed,
+                        int64_t offset, const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+void check_state_args(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed, int64_t offset,
+                      const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+void check_replay_args(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
+                       at::IntArrayRef shared_dims, bool inplace);
+void check_dropout_add_args(const char* op, const at::Tensor& input, const at::Tensor& residual,
+                            const std::optional<at::Tensor>& bias, double p, const std::optional<int64_t>& seed,
+                            int64_t offset, const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+Activation check_act_dropout_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                                  double p, c10::string_view activation, const std::optional<int64_t>& seed,
+                                  int64_t offset, const std::optional<at::Generator>& generator,
+                                  at::IntArrayRef shared_dims);
+Activation check_act_dropout_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& input,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& rng_state, double p,
+                                           c10::string_view activation, at::IntArrayRef shared_dims);
 
 // All checks of dropout's and alpha_dropout's arguments (input, p, seed/offset/generator,
 // shared dims); returns the mask layout.
@@ -141,5 +161,17 @@ at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias);
 
 // The output of an out-of-place call: same shape, dtype, device and memory format as the input.
 at::Tensor empty_output_like(const at::Tensor& input);
+
+// dropout_add's output dtype: torch's promotion of the input's and the residual's.
+at::ScalarType dropout_add_dtype(const at::Tensor& input, const at::Tensor& residual);
+
+// dropout_add with a residual whose dtype differs from the input's: residual + dropout(input +
+// bias), the dropout in the input's dtype and the sum in the promoted one, as torch computes
+// the composition. Two passes through the dispatcher, on any device.
+std::tuple<at::Tensor, at::Tensor> dropout_add_promoted(const at::Tensor& input, const at::Tensor& residual,
+                                                        const std::optional<at::Tensor>& bias, double p,
+                                                        std::optional<int64_t> seed, int64_t offset,
+                                                        std::optional<at::Generator> generator,
+                                                        at::IntArrayRef shared_dims);
 
 }  // namespace fused_dropout

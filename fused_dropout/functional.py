@@ -1,9 +1,11 @@
 """Functional API, mirroring ``torch.nn.functional.dropout``."""
 
+import operator
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 from . import ops
 from .ops import U64
@@ -17,35 +19,53 @@ def _check_p(p) -> float:
     return float(p)
 
 
-def _check_u64(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"dropout: {name} must be an int, got {type(value).__name__} {value!r}")
+def _check_u64(name: str, what: str, value) -> int:
+    """``value`` as a Python int in [0, 2**64): anything ``operator.index`` accepts (an int, a
+    NumPy integer, a 0-d integer tensor), as torch's integer arguments do; never a bool."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: {what} must be an int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: {what} must be an int, got {type(value).__name__} {value!r}") from None
     if not 0 <= value < U64:
-        raise ValueError(f"dropout: {name} must be in [0, 2**64), got {value}")
+        raise ValueError(f"{name}: {what} must be in [0, 2**64), got {value}")
+    return value
 
 
-def _check_randomness(seed, offset, generator) -> None:
+def _check_randomness(name: str, seed, offset, generator):
+    """``(seed, offset)`` as Python ints, after the checks of the randomness arguments."""
     if seed is not None:
-        _check_u64("seed", seed)
-        _check_u64("offset", offset)
+        seed = _check_u64(name, "seed", seed)
+        offset = _check_u64(name, "offset", offset)
         if generator is not None:
-            raise ValueError("dropout: pass either seed or generator, not both")
+            raise ValueError(f"{name}: pass either seed or generator, not both")
     elif offset != 0:
-        raise ValueError(f"dropout: offset is only used together with seed, but got offset={offset} and seed=None")
+        raise ValueError(f"{name}: offset is only used together with seed, but got offset={offset} and seed=None")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"dropout: generator must be a torch.Generator, got {type(generator).__name__}")
+        raise TypeError(f"{name}: generator must be a torch.Generator, got {type(generator).__name__}")
+    return seed, offset
 
 
-def _checked_call(name: str, input, p, seed, offset, generator) -> float:
-    """The checks every random call makes; returns p as a float. The common call (a float p
-    in range, the default generator) pays only three cheap tests."""
+def _check_tensor(name: str, what: str, value, optional: bool = False) -> None:
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        expected = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"{name}: {what} must be {expected}, got {type(value).__name__}")
+
+
+def _checked_call(name: str, input, p, seed, offset, generator):
+    """The checks every random call makes; returns ``(p, seed, offset)`` as a float and ints.
+    The common call (a float p in range, the default generator) pays only three cheap tests."""
     if type(p) is not float or not 0.0 <= p <= 1.0:
         p = _check_p(p)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
     if seed is not None or offset != 0 or generator is not None:
-        _check_randomness(seed, offset, generator)
-    return p
+        seed, offset = _check_randomness(name, seed, offset, generator)
+    return p, seed, offset
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def dropout(
@@ -76,7 +96,7 @@ def dropout(
         seed (int, optional): an explicit seed in ``[0, 2**64)``; the same ``seed`` and
             ``offset`` give the same mask on CPU and CUDA. Excludes ``generator``.
         offset (int): the Philox counter base used with ``seed``. Default: 0
-        shared_dims (sequence of int): dims along which one keep/drop decision is shared,
+        shared_dims (int or sequence of int): dims along which one keep/drop decision is shared,
             e.g. ``(2, 3)`` for channel-wise dropout of ``(N, C, H, W)``, or ``(0,)`` for
             dropout locked over the time dim of a ``(T, B, H)`` sequence. Default: none
 
@@ -84,10 +104,25 @@ def dropout(
         Tensor of the input's shape, dtype, device and memory format. Dropped elements are
         exactly ``+0.0``, also where the input is NaN or infinite.
     """
-    p = _checked_call("dropout", input, p, seed, offset, generator)
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+            shared_dims=shared_dims,
+        )
+    p, seed, offset = _checked_call("dropout", input, p, seed, offset, generator)
     if not training or p == 0:
         return input
     if inplace:
+        if input.dtype not in _FLOAT_DTYPES:
+            raise RuntimeError(f"dropout: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
         return ops.dropout_inplace(input, p, seed, offset, generator, shared_dims)
     return ops.dropout(input, p, seed, offset, generator, shared_dims)[0]
 
@@ -113,20 +148,35 @@ def dropout_add(
     Args:
         input (Tensor): the branch output to drop, any shape; float32, float64, float16 or
             bfloat16.
-        residual (Tensor): the skip connection, of the input's shape, dtype and device.
+        residual (Tensor): the skip connection, of the input's shape and device. Its dtype may
+            differ (a float32 residual stream beside a bfloat16 branch): the sum is then taken
+            in the promoted dtype, as ``residual + dropout(input + bias)`` is in torch.
         p (float): probability of an element of ``input + bias`` to be zeroed. Default: 0.5
         training (bool): apply dropout if ``True``; otherwise return ``residual + input + bias``.
-        bias (Tensor, optional): 1-D, the size of the input's last dim, added before dropout.
+        bias (Tensor, optional): 1-D, the size of the input's last dim and the input's dtype,
+            added before dropout.
         generator, seed, offset: as for :func:`dropout`.
 
     Returns:
-        Tensor of the input's shape, dtype, device and memory format.
+        Tensor of the input's shape, device and memory format, in the dtype torch's type
+        promotion gives ``input`` and ``residual``.
     """
-    p = _checked_call("dropout_add", input, p, seed, offset, generator)
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"dropout_add: residual must be a Tensor, got {type(residual).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"dropout_add: bias must be a Tensor or None, got {type(bias).__name__}")
+    if has_torch_function((input, residual, bias)):
+        return handle_torch_function(
+            dropout_add,
+            (input, residual, bias),
+            input,
+            residual,
+            p,
+            training,
+            bias=bias,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
+    p, seed, offset = _checked_call("dropout_add", input, p, seed, offset, generator)
+    _check_tensor("dropout_add", "residual", residual)
+    _check_tensor("dropout_add", "bias", bias, optional=True)
     if not training or p == 0:
         # The op with p = 0 keeps every element: the same checks as in training, the same
         # result as the unfused sum, and no random state drawn.
@@ -163,7 +213,20 @@ def alpha_dropout(
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    p = _checked_call("alpha_dropout", input, p, seed, offset, generator)
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            alpha_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+            shared_dims=shared_dims,
+        )
+    p, seed, offset = _checked_call("alpha_dropout", input, p, seed, offset, generator)
     if not training or p == 0:
         return input
     output = ops.alpha_dropout(input, p, seed, offset, generator, shared_dims)[0]
@@ -171,15 +234,41 @@ def alpha_dropout(
 
 
 def feature_alpha_dropout(
-    input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False, **kwargs
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Alpha dropout of whole channels of ``(N, C, ...)`` inputs: a drop-in for
-    :func:`torch.nn.functional.feature_alpha_dropout`, with the keyword arguments of
-    :func:`alpha_dropout`."""
+    :func:`torch.nn.functional.feature_alpha_dropout`. One decision per (sample, channel),
+    shared over the spatial dims.
+
+    Args:
+        input (Tensor): ``(N, C, ...)``, at least 2-D.
+        p, training, inplace, generator, seed, offset: as for :func:`alpha_dropout`.
+    """
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            feature_alpha_dropout,
+            (input,),
+            input,
+            p,
+            training,
+            inplace,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
     p = _check_p(p)
+    _check_tensor("feature_alpha_dropout", "input", input)
     if input.dim() < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    return alpha_dropout(input, p, training, inplace, shared_dims=tuple(range(2, input.dim())), **kwargs)
+    dims = tuple(range(2, input.dim()))
+    return alpha_dropout(input, p, training, inplace, generator=generator, seed=seed, offset=offset, shared_dims=dims)
 
 
 def _activation(name: str):
@@ -230,14 +319,25 @@ def act_dropout(
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    p = _checked_call("act_dropout", input, p, seed, offset, generator)
+    if has_torch_function((input, bias)):
+        return handle_torch_function(
+            act_dropout,
+            (input, bias),
+            input,
+            p,
+            training,
+            activation=activation,
+            bias=bias,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
+    p, seed, offset = _checked_call("act_dropout", input, p, seed, offset, generator)
+    _check_tensor("act_dropout", "bias", bias, optional=True)
     if not training or p == 0:
+        # torch's own activation, after the checks the op makes in training.
         function = _activation(activation)
-        if bias is not None and (bias.dim() != 1 or input.dim() == 0 or bias.shape[0] != input.shape[-1]):
-            raise RuntimeError(
-                "fused_dropout::act_dropout: bias must be 1-D with the size of the input's last dim "
-                f"({input.shape[-1] if input.dim() else 0}), got shape {list(bias.shape)}"
-            )
+        ops.check_act_dropout_args(input, bias)
         return function(input if bias is None else input + bias)
     return ops.act_dropout(input, bias, p, activation, seed, offset, generator)[0]
 
@@ -286,7 +386,19 @@ def stochastic_depth(
     Returns:
         Tensor of the input's shape, dtype and memory format; kept samples scaled by ``1 / (1 - p)``.
     """
-    p = _check_drop_p(p)
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            stochastic_depth,
+            (input,),
+            input,
+            p,
+            mode,
+            training,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
+    p, seed, offset = _checked_call("stochastic_depth", input, _check_drop_p(p), seed, offset, generator)
     dims = _sample_dims(mode, input.dim())
     return dropout(input, p, training, generator=generator, seed=seed, offset=offset, shared_dims=dims)
 
@@ -312,36 +424,61 @@ def drop_path_add(
 
     Args:
         input (Tensor): the branch output, ``(N, ...)``.
-        residual (Tensor): the skip connection, of the input's shape, dtype and device.
+        residual (Tensor): the skip connection, of the input's shape and device; a residual of
+            another floating dtype gives the promoted dtype, as in torch.
         p (float): probability of a sample's branch to be dropped.
         training (bool): apply the drop if ``True``; otherwise return ``residual + scale * input``.
         scale (Tensor, optional): a LayerScale vector broadcast against ``input`` (for
             ConvNeXt's channels-last blocks ``(C,)``, for its channels-first blocks
-            ``(C, 1, 1)``); any shape that broadcasts to the input's works.
+            ``(C, 1, 1)``); any shape that broadcasts to the input's works. ``scale * input``
+            takes torch's type promotion.
         mode (str): ``"row"`` or ``"batch"``, as for :func:`stochastic_depth`. Default: ``"row"``
         generator, seed, offset: as for :func:`dropout`.
 
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    p = _check_drop_p(p)
+    if has_torch_function((input, residual, scale)):
+        return handle_torch_function(
+            drop_path_add,
+            (input, residual, scale),
+            input,
+            residual,
+            p,
+            training,
+            scale=scale,
+            mode=mode,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
+    p, seed, offset = _checked_call("drop_path_add", input, _check_drop_p(p), seed, offset, generator)
+    _check_tensor("drop_path_add", "residual", residual)
+    _check_tensor("drop_path_add", "scale", scale, optional=True)
     dims = _sample_dims(mode, input.dim())
-    branch = input if scale is None else input * scale
-    if seed is not None or offset != 0 or generator is not None:
-        _check_randomness(seed, offset, generator)
+    if scale is None:
+        branch = input
+    else:
+        try:
+            branch = input * scale
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"drop_path_add: scale of shape {list(scale.shape)} must broadcast to the input's shape "
+                f"{list(input.shape)} ({error})"
+            ) from None
     if not training or p == 0:
         return ops.dropout_add(branch, residual, None, 0.0, seed=0)[0]
     return ops.dropout_add(branch, residual, None, p, seed, offset, generator, dims)[0]
 
 
-def _channel_dropout(input, p, training, inplace, batched, **kwargs):
-    # torch's feature dropout: one decision per (sample, channel), shared over the
-    # spatial dims. An unbatched input's channel dim is 0, a batched one's is 1; torch
-    # refuses an input with fewer than 2 dims once an unbatched one is given its batch dim.
+def _channel_dropout(input, p, training, inplace, batched, generator, seed, offset):
+    # torch's feature dropout: one decision per (sample, channel), shared over the spatial
+    # dims. An unbatched input's channel dim is 0, a batched one's is 1; torch refuses an
+    # input with fewer than 2 dims once an unbatched one is given its batch dim.
     if input.dim() + (0 if batched else 1) < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    first_spatial = 2 if batched else 1
-    return dropout(input, p, training, inplace, shared_dims=tuple(range(first_spatial, input.dim())), **kwargs)
+    dims = tuple(range(2 if batched else 1, input.dim()))
+    return dropout(input, p, training, inplace, generator=generator, seed=seed, offset=offset, shared_dims=dims)
 
 
 def _warn_unusual_dims(name: str, ndim: int, spatial: int) -> None:
@@ -357,10 +494,25 @@ def _warn_unusual_dims(name: str, ndim: int, spatial: int) -> None:
         )
 
 
-def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
+def dropout1d(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Channel-wise dropout of ``(N, C, L)`` or ``(C, L)`` inputs: a drop-in for
-    :func:`torch.nn.functional.dropout1d`, with the keyword arguments of :func:`dropout`."""
+    :func:`torch.nn.functional.dropout1d`. ``generator``, ``seed`` and ``offset`` as for
+    :func:`dropout`."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            dropout1d, (input,), input, p, training, inplace, generator=generator, seed=seed, offset=offset
+        )
     p = _check_p(p)
+    _check_tensor("dropout1d", "input", input)
     if input.dim() not in (2, 3):
         raise RuntimeError(
             f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
@@ -368,13 +520,28 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "spatial dimension, a channel dimension, and an optional batch dimension "
             "(i.e. 2D or 3D inputs)."
         )
-    return _channel_dropout(input, p, training, inplace, input.dim() == 3, **kwargs)
+    return _channel_dropout(input, p, training, inplace, input.dim() == 3, generator, seed, offset)
 
 
-def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
+def dropout2d(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Channel-wise dropout of ``(N, C, H, W)`` inputs: a drop-in for
-    :func:`torch.nn.functional.dropout2d`, with its shape rules and warnings."""
+    :func:`torch.nn.functional.dropout2d`, with its shape rules and warnings. ``generator``,
+    ``seed`` and ``offset`` as for :func:`dropout`."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            dropout2d, (input,), input, p, training, inplace, generator=generator, seed=seed, offset=offset
+        )
     p = _check_p(p)
+    _check_tensor("dropout2d", "input", input)
     _warn_unusual_dims("dropout2d", input.dim(), spatial=2)
     if input.dim() == 3:
         warnings.warn(
@@ -385,15 +552,30 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "channel-wise dropout behavior, please switch to using dropout1d instead.",
             stacklevel=2,
         )
-    return _channel_dropout(input, p, training, inplace, True, **kwargs)
+    return _channel_dropout(input, p, training, inplace, True, generator, seed, offset)
 
 
-def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, **kwargs):
+def dropout3d(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Channel-wise dropout of ``(N, C, D, H, W)`` or ``(C, D, H, W)`` inputs: a drop-in for
-    :func:`torch.nn.functional.dropout3d`, with its shape rules and warnings."""
+    :func:`torch.nn.functional.dropout3d`, with its shape rules and warnings. ``generator``,
+    ``seed`` and ``offset`` as for :func:`dropout`."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(
+            dropout3d, (input,), input, p, training, inplace, generator=generator, seed=seed, offset=offset
+        )
     p = _check_p(p)
+    _check_tensor("dropout3d", "input", input)
     _warn_unusual_dims("dropout3d", input.dim(), spatial=3)
-    return _channel_dropout(input, p, training, inplace, input.dim() == 5, **kwargs)
+    return _channel_dropout(input, p, training, inplace, input.dim() == 5, generator, seed, offset)
 
 
 def keep_mask(
@@ -421,6 +603,6 @@ def keep_mask(
         A bool tensor of ``shape``: ``True`` where the element is kept.
     """
     p = _check_p(p)
-    _check_randomness(seed, offset, None)
+    seed, offset = _check_randomness("keep_mask", seed, offset, None)
     ones = torch.ones(shape, dtype=torch.float32, device=device)
     return ops.dropout(ones, p, seed, offset, None, shared_dims)[0] != 0

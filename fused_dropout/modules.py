@@ -20,6 +20,34 @@ def _scripted_dropout(input: torch.Tensor, p: float, training: bool, inplace: bo
     return torch.ops.fused_dropout.dropout(input, p, None, 0, None, shared_dims)[0]
 
 
+def _scripted_alpha_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, shared_dims: List[int]):
+    """Alpha dropout's forward under TorchScript (see :func:`_scripted_dropout`)."""
+    if not training or p == 0.0:
+        return input
+    output = torch.ops.fused_dropout.alpha_dropout(input, p, None, 0, None, shared_dims)[0]
+    return input.copy_(output) if inplace else output
+
+
+def _scripted_activation(input: torch.Tensor, activation: str) -> torch.Tensor:
+    """torch's own activation for an act_dropout name, in a form TorchScript compiles."""
+    if activation == "relu":
+        return torch.nn.functional.relu(input)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(input)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(input, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(input)
+    return torch.square(torch.nn.functional.relu(input))
+
+
+def _feature_dims(input: torch.Tensor) -> List[int]:
+    # The spatial dims of a batched (N, C, ...) input, which feature alpha dropout shares.
+    if input.dim() < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    return list(range(2, input.dim()))
+
+
 class _FusedDropoutNd(nn.Module):
     __constants__ = ["p", "inplace"]
 
@@ -38,8 +66,12 @@ class _FusedDropoutNd(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return _scripted_dropout(input, float(self.p), self.training, self.inplace, self._shared_dims(input))
+            return self._scripted_forward(input)
         return self._forward(input)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Each subclass compiles to its own op: dropout here, alpha dropout in the alpha modules.
+        return _scripted_dropout(input, float(self.p), self.training, self.inplace, self._shared_dims(input))
 
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -89,9 +121,7 @@ class FusedDropout2d(_FusedDropoutNd):
         return F.dropout2d(input, self.p, self.training, self.inplace)
 
     def _shared_dims(self, input: torch.Tensor) -> List[int]:
-        if input.dim() < 2:
-            raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-        return list(range(2, input.dim()))
+        return _feature_dims(input)
 
 
 class FusedDropout3d(_FusedDropoutNd):
@@ -142,6 +172,9 @@ class FusedAlphaDropout(_FusedDropoutNd):
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.alpha_dropout(input, self.p, self.training, self.inplace)
 
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _scripted_alpha_dropout(input, float(self.p), self.training, self.inplace, [])
+
 
 class FusedFeatureAlphaDropout(_FusedDropoutNd):
     """Drop-in for :class:`torch.nn.FeatureAlphaDropout`: alpha dropout of whole channels. See
@@ -150,6 +183,9 @@ class FusedFeatureAlphaDropout(_FusedDropoutNd):
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.feature_alpha_dropout(input, self.p, self.training, self.inplace)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _scripted_alpha_dropout(input, float(self.p), self.training, self.inplace, _feature_dims(input))
 
 
 class FusedActDropout(nn.Module):
@@ -173,6 +209,12 @@ class FusedActDropout(nn.Module):
         self.p = p
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self.training and float(self.p) > 0.0:
+                return torch.ops.fused_dropout.act_dropout(
+                    input, None, float(self.p), self.activation, None, 0, None, []
+                )[0]
+            return _scripted_activation(input, self.activation)
         return F.act_dropout(input, self.p, self.training, activation=self.activation)
 
     def extra_repr(self) -> str:
@@ -195,7 +237,25 @@ class FusedStochasticDepth(nn.Module):
         self.mode = mode
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
         return F.stochastic_depth(input, self.p, self.mode, self.training)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        # torchvision's checks and words, then the dropout op with the per-sample (or
+        # whole-batch) mask, as F.stochastic_depth calls it.
+        p = float(self.p)
+        if p < 0.0 or p > 1.0:
+            raise ValueError("drop probability has to be between 0 and 1, but got " + str(p))
+        if self.mode == "row":
+            dims = list(range(1, input.dim()))
+        elif self.mode == "batch":
+            dims = list(range(input.dim()))
+        else:
+            raise ValueError("mode has to be either 'batch' or 'row', but got " + self.mode)
+        if not self.training or p == 0.0:
+            return input
+        return torch.ops.fused_dropout.dropout(input, p, None, 0, None, dims)[0]
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(p={self.p}, mode={self.mode})"
@@ -228,18 +288,56 @@ def _activation_name(module: nn.Module):
     return None
 
 
+# The hook tables of nn.Module: a replaced module takes over the very dicts of the module it
+# replaces, so hooks keep running and their RemovableHandles keep working.
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, table, None) for table in _HOOK_TABLES)
+
+
+def _take_over_hooks(new: nn.Module, old: nn.Module) -> None:
+    for table in _HOOK_TABLES:
+        if hasattr(old, table):
+            setattr(new, table, getattr(old, table))
+    if hasattr(old, "_is_full_backward_hook"):
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
+def _runs_in_order(container: nn.Module) -> bool:
+    """True for an nn.Sequential whose forward is nn.Sequential's own: each child's output is
+    the next child's input and nothing else. A subclass with its own forward may use a
+    child's output twice, which a fused pair could not give it."""
+    return isinstance(container, nn.Sequential) and type(container).forward is nn.Sequential.forward
+
+
 def _fuse_activations(model: nn.Module) -> None:
-    # An activation directly followed by a dropout module inside an nn.Sequential becomes one
-    # FusedActDropout in the activation's slot and an nn.Identity in the dropout's, so every
-    # index, and with it every state_dict key, stays where it was (neither module has state).
+    # An activation directly followed by an nn.Dropout inside a plain-running nn.Sequential
+    # becomes one FusedActDropout in the activation's slot and an nn.Identity in the
+    # dropout's, so every index, and with it every state_dict key, stays where it was
+    # (neither module has state). A pair with a hook on either module is left unfused: no one
+    # module could call both modules' hooks with what they saw.
     for module in list(model.modules()):
-        if not isinstance(module, nn.Sequential):
+        if not _runs_in_order(module):
             continue
         names = list(module._modules.keys())
         for first, second in zip(names, names[1:]):
             activation, dropout = module._modules[first], module._modules[second]
             name = _activation_name(activation) if activation is not None else None
-            if name is None or type(dropout) is not nn.Dropout:
+            if name is None or type(dropout) is not nn.Dropout or _has_hooks(activation) or _has_hooks(dropout):
                 continue
             fused = FusedActDropout(name, dropout.p)
             fused.train(dropout.training)
@@ -258,7 +356,12 @@ def replace_dropout(model: nn.Module, fuse_activations: bool = True) -> nn.Modul
     ``nn.Dropout`` inside an ``nn.Sequential`` (torchvision's ``MLP`` and ViT's ``MLPBlock`` are
     Sequentials) becomes one :class:`FusedActDropout` in the activation's slot and an
     ``nn.Identity`` in the dropout's: indices and ``state_dict`` keys stay the same, so
-    checkpoints of the stock model load into the swapped one and back.
+    checkpoints of the stock model load into the swapped one and back. Only containers whose
+    forward is ``nn.Sequential.forward`` are fused (a subclass with its own forward may use the
+    activation's output twice), and a pair with a hook on either module stays unfused.
+
+    Hooks registered on a swapped module (forward, pre-forward, backward, state_dict) are
+    carried over to its replacement; their handles keep working.
 
     Args:
         model (nn.Module): the model to change; a bare dropout module is replaced too.
@@ -276,6 +379,7 @@ def replace_dropout(model: nn.Module, fuse_activations: bool = True) -> nn.Modul
         else:
             return module
         fused.train(module.training)
+        _take_over_hooks(fused, module)
         return fused
 
     untouched = []

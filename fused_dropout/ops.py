@@ -9,6 +9,7 @@ version counter are registered in C++ (``csrc/autograd.cpp``), so a training ste
 Python per call beyond these wrappers.
 """
 
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -42,14 +43,24 @@ def _seed_args(seed: Optional[int], offset: int) -> Tuple[Optional[int], int]:
     return _as_int64_bits(seed), _as_int64_bits(offset)
 
 
+def _dims(shared_dims) -> list:
+    """``shared_dims`` as the list the schema takes; an int is one dim, as in torch."""
+    if isinstance(shared_dims, (list, tuple)):
+        return list(shared_dims)
+    try:
+        return [operator.index(shared_dims)]
+    except TypeError:
+        return list(shared_dims)
+
+
 def _random_call(op, args, seed, offset, generator, shared_dims):
     """``op(*args, seed, offset, generator, shared_dims)``. The common call (the default
     generator, no shared dims) passes ``args`` alone: the schema fills in the defaults in C++,
     which parses fewer arguments than passing them from here."""
-    if seed is None and offset == 0 and generator is None and not shared_dims:
+    if seed is None and offset == 0 and generator is None and type(shared_dims) is tuple and not shared_dims:
         return op(*args)
     seed, offset = _seed_args(seed, offset)
-    return op(*args, seed, offset, generator, list(shared_dims))
+    return op(*args, seed, offset, generator, _dims(shared_dims))
 
 
 def dropout(
@@ -73,7 +84,7 @@ def dropout_state(
 ) -> torch.Tensor:
     """The ``rng_state`` a dropout call on ``input`` would draw, drawn (the generator advances)."""
     seed, offset = _seed_args(seed, offset)
-    return _dropout_state(input, seed, offset, generator, list(shared_dims))
+    return _dropout_state(input, seed, offset, generator, _dims(shared_dims))
 
 
 def dropout_replay(
@@ -84,14 +95,14 @@ def dropout_replay(
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """``input`` times the mask that ``rng_state`` stands for and ``scale`` (default ``1 / (1 - p)``)."""
-    return _dropout_replay(input, rng_state, p, list(shared_dims), scale)
+    return _dropout_replay(input, rng_state, p, _dims(shared_dims), scale)
 
 
 def dropout_replay_(
     input: torch.Tensor, rng_state: torch.Tensor, p: float, shared_dims: Sequence[int] = ()
 ) -> torch.Tensor:
     """:func:`dropout_replay` in place; returns ``input``."""
-    return _dropout_replay_(input, rng_state, p, list(shared_dims))
+    return _dropout_replay_(input, rng_state, p, _dims(shared_dims))
 
 
 def dropout_inplace(
@@ -104,7 +115,7 @@ def dropout_inplace(
 ) -> torch.Tensor:
     """Dropout applied to ``input`` in place; returns ``input``."""
     rng_state = dropout_state(input, seed, offset, generator, shared_dims)
-    return _dropout_replay_(input, rng_state, p, list(shared_dims))
+    return _dropout_replay_(input, rng_state, p, _dims(shared_dims))
 
 
 def dropout_add(
@@ -158,7 +169,36 @@ def act_dropout_backward(
 ) -> torch.Tensor:
     """The gradient of :func:`act_dropout` at ``input`` (and ``bias``) for the call that drew
     ``rng_state``: ``activation'(input + bias) * dropout_replay(grad, rng_state, p)`` in one pass."""
-    return _act_dropout_backward(grad, input, bias, rng_state, p, activation, list(shared_dims))
+    return _act_dropout_backward(grad, input, bias, rng_state, p, activation, _dims(shared_dims))
+
+
+def check_act_dropout_args(input: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """The bias checks act_dropout's op makes, for its eval path, which calls torch's own
+    activation instead of the op: the same messages in every mode."""
+    if bias is None:
+        return
+    name = "fused_dropout::act_dropout"
+    last = input.shape[-1] if input.dim() > 0 else 0
+    if input.dim() == 0 or bias.dim() != 1 or bias.shape[0] != last:
+        raise RuntimeError(
+            f"{name}: bias must be 1-D with the size of the input's last dim ({last}), got shape {list(bias.shape)}"
+        )
+    if bias.dtype != input.dtype:
+        raise RuntimeError(
+            f"{name}: bias must have the input's dtype {_DTYPE_NAMES.get(input.dtype, input.dtype)}, "
+            f"got {_DTYPE_NAMES.get(bias.dtype, bias.dtype)}"
+        )
+    if bias.device != input.device:
+        raise RuntimeError(f"{name}: bias must be on the input's device {input.device}, got {bias.device}")
+
+
+# c10's names of the dtypes, which the C++ messages print.
+_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -166,50 +206,8 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return _lib.philox4x32_10.default(counter, key)
 
 
-# Fake kernels: shapes, dtypes and strides for torch.compile / export / meta tensors.
-@torch.library.register_fake("fused_dropout::dropout")
-def _dropout_fake(input, p, seed=None, offset=0, generator=None, shared_dims=()):
-    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
-
-
-@torch.library.register_fake("fused_dropout::dropout_state")
-def _dropout_state_fake(input, seed=None, offset=0, generator=None, shared_dims=()):
-    return input.new_empty((2,), dtype=torch.int64)
-
-
-@torch.library.register_fake("fused_dropout::dropout_replay")
-def _dropout_replay_fake(input, rng_state, p, shared_dims=(), scale=None):
-    return torch.empty_like(input)
-
-
-@torch.library.register_fake("fused_dropout::alpha_dropout")
-def _alpha_dropout_fake(input, p, seed=None, offset=0, generator=None, shared_dims=()):
-    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
-
-
-@torch.library.register_fake("fused_dropout::act_dropout")
-def _act_dropout_fake(input, bias, p, activation, seed=None, offset=0, generator=None, shared_dims=()):
-    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
-
-
-@torch.library.register_fake("fused_dropout::act_dropout_backward")
-def _act_dropout_backward_fake(grad, input, bias, rng_state, p, activation, shared_dims=()):
-    return torch.empty_like(input)
-
-
-@torch.library.register_fake("fused_dropout::dropout_replay_")
-def _dropout_replay_inplace_fake(input, rng_state, p, shared_dims=()):
-    return input
-
-
-@torch.library.register_fake("fused_dropout::dropout_add")
-def _dropout_add_fake(input, residual, bias, p, seed=None, offset=0, generator=None, shared_dims=()):
-    return torch.empty_like(input), input.new_empty((2,), dtype=torch.int64)
-
-
-@torch.library.register_fake("fused_dropout::philox4x32_10")
-def _philox_fake(counter, key):
-    return torch.empty_like(counter, memory_format=torch.contiguous_format)
+# The fake (Meta) kernels are in C++ (csrc/meta.cpp): they run the same argument checks as the
+# CPU and CUDA kernels, so torch.compile, torch.export and FakeTensorMode refuse what eager refuses.
 
 
 # vmap rules. Each runs the op once on the whole batch, with the vmapped dim moved first:
@@ -345,7 +343,7 @@ def _act_dropout_vmap(info, in_dims, input, bias, p, activation, seed=None, offs
 
 @torch.library.register_vmap("fused_dropout::act_dropout_backward")
 def _act_dropout_backward_vmap(info, in_dims, grad, input, bias, rng_state, p, activation, shared_dims=()):
-    grad_bdim, input_bdim, bias_bdim, state_bdim = in_dims
+    grad_bdim, input_bdim, bias_bdim, state_bdim = in_dims[:4]
     per_sample = state_bdim is not None
     if grad_bdim is None and input_bdim is None and bias_bdim is None and not per_sample:
         return _act_dropout_backward(grad, input, bias, rng_state, p, activation, list(shared_dims)), None

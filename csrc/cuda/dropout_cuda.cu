@@ -251,6 +251,9 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
                                                     at::IntArrayRef shared_dims) {
   constexpr const char* kOp = "fused_dropout::dropout_add";
   const MaskLayout mask = check_dropout_add_call(kOp, input, residual, bias, p, seed, offset, generator, shared_dims);
+  if (residual.scalar_type() != input.scalar_type()) {
+    return dropout_add_promoted(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
+  }
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = empty_output_like(input);
   at::Tensor rng_state = new_state_tensor(input);
