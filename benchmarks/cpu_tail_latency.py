@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Tail latency of single CPU dropout calls at 2^24 float32 elements, with and without the
-transparent-huge-page hint on fresh outputs (FUSED_DROPOUT_HUGE_PAGES), on an idle machine
-and beside a neighbour process that fragments memory.
+"""Tail latency of single CPU dropout calls at 2^24 float32 elements under each way of
+mapping a fresh output: with and without this package's transparent-huge-page hint
+(FUSED_DROPOUT_HUGE_PAGES=1 / 0), and with torch's own allocator hint instead
+(THP_MEM_ALLOC_ENABLE=1, which covers torch.mul's outputs too); on an idle machine and beside
+a neighbour process that fragments memory.
 
-Each setting runs in its own process (the hint is read once per process); the settings take
-turns in rounds, so machine load hits them alike. Per setting: p50, p95 and max over all
-calls, next to torch.mul and x.clone() timed in the same processes.
+Each setting runs in its own process (the variables are read once per process); the
+settings take turns in rounds, so machine load hits them alike. Per setting: p50, p95 and
+max over all calls, next to torch.mul and x.clone() timed in the same processes.
 
-    python benchmarks/cpu_tail_latency.py [--calls 100] [--rounds 5] [--out runs/cpu_tail_latency]
+    python benchmarks/cpu_tail_latency.py [--calls 40] [--rounds 5] [--out runs/cpu_tail_latency]
 """
 
 import argparse
@@ -59,8 +61,18 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def run_round(hint, calls):
-    env = dict(os.environ, FUSED_DROPOUT_HUGE_PAGES="1" if hint else "0", OMP_NUM_THREADS=str(os.cpu_count()))
+# Each setting: the environment its worker runs with (on top of this process's, with both
+# variables removed first).
+SETTINGS = {
+    "FUSED_DROPOUT_HUGE_PAGES=0": {"FUSED_DROPOUT_HUGE_PAGES": "0"},
+    "FUSED_DROPOUT_HUGE_PAGES=1": {"FUSED_DROPOUT_HUGE_PAGES": "1"},
+    "THP_MEM_ALLOC_ENABLE=1": {"FUSED_DROPOUT_HUGE_PAGES": "0", "THP_MEM_ALLOC_ENABLE": "1"},
+}
+
+
+def run_round(setting, calls):
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSED_DROPOUT_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")}
+    env.update(SETTINGS[setting], OMP_NUM_THREADS=str(os.cpu_count()))
     out = subprocess.run(
         [sys.executable, "-c", WORKER, str(calls)], env=env, capture_output=True, text=True, check=True
     )
@@ -71,7 +83,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--calls", type=int, default=20, help="calls per setting per round")
+    parser.add_argument("--calls", type=int, default=40, help="calls per setting per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of every setting, taken in turn")
     parser.add_argument("--out", default="runs/cpu_tail_latency", help="output folder")
     args = parser.parse_args()
@@ -82,18 +94,18 @@ def main():
             proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, "3600"])
             time.sleep(2)
         try:
-            collected = {hint: {} for hint in (False, True)}
+            collected = {setting: {} for setting in SETTINGS}
             for round_index in range(args.rounds):
-                for hint in (False, True):
-                    for name, values in run_round(hint, args.calls).items():
-                        collected[hint].setdefault(name, []).extend(values)
+                for setting in SETTINGS:
+                    for name, values in run_round(setting, args.calls).items():
+                        collected[setting].setdefault(name, []).extend(values)
                 print(f"  {'neighbour' if neighbour else 'idle'}: round {round_index + 1}/{args.rounds}", flush=True)
         finally:
             if proc is not None:
                 proc.kill()
-        for hint, by_op in collected.items():
+        for setting, by_op in collected.items():
             for name, values in by_op.items():
-                key = f"{'fragmenting neighbour' if neighbour else 'idle'} | hint {'on' if hint else 'off'} | {name}"
+                key = f"{'fragmenting neighbour' if neighbour else 'idle'} | {setting} | {name}"
                 results[key] = {
                     "calls": len(values),
                     "p50_ms": statistics.median(values),
@@ -105,13 +117,13 @@ def main():
         "",
         f"{args.rounds} rounds x {args.calls} calls per setting, settings interleaved; each call timed alone.",
         "",
-        "| machine | huge-page hint | op | calls | p50 ms | p95 ms | max ms |",
+        "| machine | setting | op | calls | p50 ms | p95 ms | max ms |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for key, r in results.items():
-        machine, hint, op = key.split(" | ")
+        machine, setting, op = key.split(" | ")
         lines.append(
-            f"| {machine} | {hint.split()[-1]} | {op} | {r['calls']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+            f"| {machine} | {setting} | {op} | {r['calls']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
             f"{r['max_ms']:.1f} |"
         )
     out = Path(args.out)

@@ -128,7 +128,8 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, Ac
       return grad.mul(s.mul(pre.mul(s.neg().add(1)).add(1)));
     }
     case Activation::kSquaredReLU:
-      return grad.mul(at::relu(pre)).mul(2);
+      // As torch's autograd of relu(x)^2: pow's backward, then relu's.
+      return at::threshold_backward(grad.mul(at::relu(pre).mul(2)), pre, 0);
   }
   TORCH_INTERNAL_ASSERT(false, "unknown activation");
 }

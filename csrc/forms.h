@@ -84,13 +84,13 @@ enum class Activation : int { kReLU = 0, kGelu, kGeluTanh, kSiLU, kSquaredReLU }
 template <Activation kAct, typename acc_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t activate(acc_t x) {
   // The ReLU forms are written as one select of values computed up front: GCC vectorises
-  // that, but not a select whose operand is itself a select (it branches instead).
-  // NaN stays NaN, as in torch's relu; -0.0 becomes +0.0.
+  // that, but not a select whose operand is itself a select (it branches instead). Only a
+  // negative input becomes 0, as in torch's CPU relu: NaN stays NaN and -0.0 stays -0.0.
   if constexpr (kAct == Activation::kReLU) {
-    return x > acc_t(0) || x != x ? x : acc_t(0);
+    return x < acc_t(0) ? acc_t(0) : x;
   } else if constexpr (kAct == Activation::kSquaredReLU) {
     const acc_t square = x * x;
-    return x > acc_t(0) || x != x ? square : acc_t(0);
+    return x < acc_t(0) ? acc_t(0) : square;
   } else if constexpr (kAct == Activation::kGelu) {
     constexpr acc_t kSqrtHalf = acc_t(0.70710678118654752440);
     return x * acc_t(0.5) * (acc_t(1) + math::erf(x * kSqrtHalf));
@@ -119,8 +119,8 @@ struct ActRule {
 };
 
 // act'(x) * dy in the accumulation type, written as torch's activation backward kernels write
-// them (ATen's GeluKernel and Activation.cpp; squared ReLU as torch's autograd of
-// relu(x)^2 computes it, dy * relu(x) * 2, with each product rounded to the dtype).
+// them (ATen's GeluKernel and Activation.cpp; squared ReLU as torch's autograd of relu(x)^2
+// computes it: pow's backward dy * (2 * relu(x)), then relu's, which gives +0 where x <= 0).
 template <Activation kAct, typename scalar_t, typename acc_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t activation_backward(scalar_t grad, scalar_t input) {
   const acc_t dy = static_cast<acc_t>(grad), x = static_cast<acc_t>(input);
@@ -128,8 +128,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE scalar_t activation_backward(scalar_t grad, sc
     // threshold_backward: x <= 0 gives 0, so NaN inputs pass the gradient.
     return x > acc_t(0) || x != x ? grad : scalar_t(0);
   } else if constexpr (kAct == Activation::kSquaredReLU) {
-    const acc_t relu = x > acc_t(0) || x != x ? x : acc_t(0);
-    return static_cast<scalar_t>(static_cast<acc_t>(static_cast<scalar_t>(math::mul_rn(dy, relu))) * acc_t(2));
+    // One select of a value computed up front, as in activate(); NaN passes (NaN <= 0 is false).
+    const scalar_t product = static_cast<scalar_t>(dy * static_cast<acc_t>(static_cast<scalar_t>(x * acc_t(2))));
+    return x <= acc_t(0) ? scalar_t(0) : product;
   } else if constexpr (kAct == Activation::kGelu) {
     constexpr acc_t kBeta = acc_t(0.39894228040143267794);   // 1 / sqrt(2 pi)
     constexpr acc_t kAlpha = acc_t(0.70710678118654752440);  // sqrt(1 / 2)
