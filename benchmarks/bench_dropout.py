@@ -11,7 +11,7 @@ GB/s counts the bytes dropout must move: the input read and the output written p
 time ratios. "copy" is x.clone(): the same read, write and allocation with no dropout.
 Further rows: residual + dropout(x + bias) ("add: ..."), and dropout of images in
 channels_last memory ("channels_last: ...", the strided kernel) and channel-wise dropout2d
-("dropout2d: ...", the shared-mask kernel), each with a copy of its own layout.
+("dropout2d: ...", the row-shared kernel on CUDA), each with a copy of its own layout.
 
 Writes results.md (the table), results.csv, results.json and gbps.png to --out.
 
@@ -39,15 +39,39 @@ from fused_dropout import ops
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES), help="default: all three")
-    parser.add_argument("--log2-sizes", type=int, nargs="+", default=None, help="sizes as powers of two")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=list(DTYPES),
+        help="(default: float32 float16 bfloat16; with --quick float32)",
+    )
+    parser.add_argument(
+        "--log2-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sizes as powers of two (default: 16 18 ... 28 on CUDA, 16 ... 24 on the CPU; with --quick 16 20)",
+    )
     parser.add_argument("--p", type=float, default=0.5, help="drop probability")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median)")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed runs per measurement, of which the median (default: 50 on CUDA, 11 on the CPU; with --quick 5)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd F.dropout")
     parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
     parser.add_argument("--no-add", action="store_true", help="skip the dropout_add comparison")
@@ -325,7 +349,7 @@ def by_direction_ratio(times, name, direction, seconds):
 def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
     """Forward on (N, 64, 32, 32) images: dropout of a channels_last tensor (the strided
     kernel: the mask follows the logical index, not memory order) and channel-wise dropout2d
-    (the shared-mask kernel), each against PyTorch and a copy of the same layout."""
+    (the row-shared kernel on CUDA), each against PyTorch and a copy of the same layout."""
     channels, height, width = 64, 32, 32
     batch = max(1, numel // (channels * height * width))
     shape = (batch, channels, height, width)
@@ -475,8 +499,8 @@ def main(argv=None):
         sys.exit("bench_dropout: this build of fused_dropout has no CUDA kernels")
     cuda = device.type == "cuda"
     if args.quick:
-        sizes = [2**16, 2**20]
-        dtypes = ["float32"]
+        sizes = [2**k for k in (args.log2_sizes or (16, 20))]
+        dtypes = args.dtypes or ["float32"]
         reps, warmup = args.reps or 5, 2
     else:
         sizes = [2**k for k in (args.log2_sizes or (range(16, 29, 2) if cuda else range(16, 25, 2)))]

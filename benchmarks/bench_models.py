@@ -72,6 +72,10 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
+# The models model_specs builds (--quick: the first two).
+MODEL_NAMES = ["gpt2", "vit_b_16", "convnext_tiny", "swin_t", "efficientnet_b0", "vgg11"]
+
+
 def model_specs(device, quick):
     """(name, build(fused) -> model, batch -> (input, target)) for each model at this device's size."""
     import torchvision.models as tv
@@ -299,15 +303,30 @@ def write_outputs(rows, meta, out):
     print("\n".join(lines))
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="two tiny models, few steps (CI)")
-    parser.add_argument("--models", nargs="*", help="only these models")
-    parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20, quick 3)")
+    parser.add_argument(
+        "--models", nargs="*", choices=MODEL_NAMES, metavar="MODEL", help="only these models: " + ", ".join(MODEL_NAMES)
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="*",
+        default=["eager", "compiled"],
+        choices=["eager", "compiled"],
+        help="eager, torch.compile or both",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (20; with --quick 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--out", default="runs/bench_models", help="folder for results.{md,json} and speedup.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or lines")
@@ -320,6 +339,8 @@ def main():
     steps = args.steps or (3 if args.quick else 20)
     warmup = 1 if args.quick and args.warmup == 3 else args.warmup
     specs = [spec for spec in model_specs(device, args.quick) if not args.models or spec[0] in args.models]
+    if not specs:
+        parser.error(f"none of --models {' '.join(args.models)} is built with --quick (it builds gpt2 and vit_b_16)")
     progress = Progress(len(specs) * (warmup + steps), args.quiet)
     rows = []
     for name, build, make_batch in specs:

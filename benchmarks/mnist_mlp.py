@@ -51,13 +51,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (per rank)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--p", type=float, nargs="+", default=[0.5], help="dropout probabilities to train with")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     parser.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="dropout modules to compare"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/")
     parser.add_argument("--download", action="store_true", help="download MNIST with torchvision (needs internet)")
@@ -66,9 +68,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="CPU threads for torch (default: 1, which is fastest for this small model on a CPU, "
-        "measured in docs/performance.md; torch's own default is one per core)",
+        default=1,
+        help="CPU threads for torch: one is fastest for this small model on a CPU (docs/performance.md); "
+        "torch's own default is one per core",
     )
     args = parser.parse_args(argv)
     for p in args.p:
@@ -378,7 +380,7 @@ def machine_description(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or 1)
+    torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -87,7 +87,7 @@ std::pair<MaskLayout, Activation> check_act_dropout_backward_call(
 // The activation act_dropout's `activation` argument names; a clear error for any other name.
 Activation parse_activation(const char* op, c10::string_view name);
 
-// Which member of the family a kernel computes beyond the mask (DESIGN §9, forms.h).
+// Which member of the family a kernel computes beyond the mask (forms.h; docs/design.md, "The family").
 struct RuleSpec {
   enum class Form { kDropout, kAlpha, kAct };
   Form form = Form::kDropout;

@@ -1,4 +1,4 @@
-// The output rules of the dropout family beyond plain dropout (DESIGN §9): alpha dropout and
+// The output rules of the dropout family beyond plain dropout (docs/design.md, "The family"): alpha dropout and
 // activation + dropout. Each keeps an element iff the mask rule of philox.h keeps it, and
 // maps the element with its own affine or activation step. Free of ATen, like philox.h, so
 // the CPU and CUDA kernels and the CUDA kernels' host test share them.

@@ -2,8 +2,9 @@
 and its vmap rule.
 
 ``dropout`` returns the output and ``rng_state`` (int64[2]: seed, base). ``dropout_replay``
-regenerates the same mask from ``rng_state``: it is every op's backward, so that is all
-autograd saves. In-place dropout is ``dropout_state`` (draw the state) followed by
+regenerates the same mask from ``rng_state``: it is the backward of dropout, alpha dropout and
+``dropout_add`` (``act_dropout`` has its own, ``act_dropout_backward``), so the state is all
+autograd saves beyond act_dropout's input. In-place dropout is ``dropout_state`` (draw the state) followed by
 ``dropout_replay_`` (apply its mask in place). Autograd, forward-mode AD and the in-place
 version counter are registered in C++ (``csrc/autograd.cpp``), so a training step pays no
 Python per call beyond these wrappers.

@@ -1,6 +1,7 @@
 """What a user sees when the extension cannot load: a build for another torch, or a source
 tree with no build in it; and what the build reports about itself."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def test_a_source_tree_shadowing_an_installed_build_is_named(tmp_path):
         "sys.meta_path.insert(0, NoBuild())\n"
         "import fused_dropout\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=tree.parent, capture_output=True, text=True)
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tree.parent, capture_output=True, text=True, env=env)
     assert result.returncode != 0
     assert f"which shadows the installed package in {installed}" in result.stderr
     assert "Run from another directory" in result.stderr
@@ -84,8 +86,10 @@ def test_a_source_tree_shadowing_an_installed_build_is_named(tmp_path):
 
 
 def test_info_reports_the_build():
+    # The package these tests imported, wherever it is installed.
+    env = dict(os.environ, PYTHONPATH=str(Path(fused_dropout.__file__).resolve().parents[1]))
     result = subprocess.run(
-        [sys.executable, "-m", "fused_dropout", "--info"], cwd=ROOT / "tests", capture_output=True, text=True
+        [sys.executable, "-m", "fused_dropout", "--info"], cwd=ROOT / "tests", capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stderr
     assert f"torch {torch.__version__}" in result.stdout

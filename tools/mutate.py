@@ -183,9 +183,11 @@ MUTANTS = [
 COPIED = ["csrc", "fused_dropout", "tests", "benchmarks", "setup.py", "pyproject.toml", "README.md", "LICENSE"]
 
 
-def run(command, cwd, log, timeout):
+def run(command, cwd, log, timeout, env=None):
     with open(log, "w") as out:
-        return subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        return subprocess.run(
+            command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env
+        ).returncode
 
 
 def prepare_scratch(scratch: Path):
@@ -206,10 +208,10 @@ def build(scratch: Path, log: Path) -> bool:
 
 
 def test(scratch: Path, log: Path, timeout: int) -> bool:
-    # -x: one failing test is enough to catch a mutant. Run from tests/ so that the scratch
-    # package is the one imported (sys.path[0] is the scratch root through conftest).
+    # -x: one failing test is enough to catch a mutant.
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests"]
-    return run(command, scratch, log, timeout=timeout) == 0
+    env = dict(os.environ, PYTHONPATH=str(scratch))  # subprocesses of the tests import the scratch copy too
+    return run(command, scratch, log, timeout=timeout, env=env) == 0
 
 
 def main():

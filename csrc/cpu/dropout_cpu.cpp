@@ -281,8 +281,9 @@ void apply_by_runs(const CpuOperands<scalar_t>& ops, const MergedLayout& layout,
 }
 
 // The walk for every op: batches over the memory where every operand is row-major and the
-// mask is full, else the merged runs. `residual` is undefined but for dropout_add, `bias`
-// where the op has none.
+// mask is full, else the merged runs. `residual` is the second operand of the two-operand
+// rules (dropout_add's residual, act_dropout_backward's gradient) and undefined for the others,
+// `bias` where the op has none.
 template <typename scalar_t, bool kPair, typename Rule>
 void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
            const MaskLayout& mask, RngState state, const Rule& rule) {

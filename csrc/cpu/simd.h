@@ -15,8 +15,8 @@ namespace fused_dropout {
 template <typename T>
 struct Run {
   const T* x;
-  const T* residual;  // dropout_add only
-  const T* bias;      // dropout_add only; may be null
+  const T* residual;  // the second operand of a two-operand rule; null for the others
+  const T* bias;      // may be null
   int64_t column;     // element 0's index in the last dim, where the bias runs
   int64_t last_size;  // the last dim's size
   T* y;

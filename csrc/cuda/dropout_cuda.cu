@@ -69,8 +69,9 @@ int grid_for(int64_t work_items) {
   return static_cast<int>(std::max<int64_t>(1, needed));
 }
 
-// Launches the kernel for the operands' layout; `residual` is undefined but for dropout_add,
-// `bias` where the op has none. Launched even for an empty tensor, so the kernel still
+// Launches the kernel for the operands' layout; `residual` is the second operand of the
+// two-operand rules (dropout_add's residual, act_dropout_backward's gradient) and undefined for
+// the others, `bias` where the op has none. Launched even for an empty tensor, so the kernel still
 // records rng_state.
 template <typename scalar_t, bool kPair, typename Rule>
 void launch(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias, at::Tensor& output,
