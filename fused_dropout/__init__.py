@@ -26,6 +26,8 @@ from .functional import (
     keep_mask,
     stochastic_depth,
 )
+from .functional_routing import functional_mode
+from .functional_routing import remove as remove_functional_mode
 from .modules import (
     FusedActDropout,
     FusedAlphaDropout,
@@ -34,6 +36,7 @@ from .modules import (
     FusedDropout2d,
     FusedDropout3d,
     FusedDropoutAdd,
+    FusedDropPath,
     FusedFeatureAlphaDropout,
     FusedStochasticDepth,
     replace_dropout,
@@ -56,6 +59,7 @@ __all__ = [
     "FusedDropout2d",
     "FusedDropout3d",
     "FusedDropoutAdd",
+    "FusedDropPath",
     "FusedFeatureAlphaDropout",
     "FusedStochasticDepth",
     "act_dropout",
@@ -67,10 +71,12 @@ __all__ = [
     "dropout3d",
     "dropout_add",
     "feature_alpha_dropout",
+    "functional_mode",
     "has_cuda_kernels",
     "keep_mask",
     "ops",
     "philox4x32_10",
+    "remove_functional_mode",
     "replace_dropout",
     "stochastic_depth",
 ]

@@ -365,6 +365,7 @@ def stochastic_depth(
     mode: str,
     training: bool = True,
     *,
+    scale_by_keep: bool = True,
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
     offset: int = 0,
@@ -381,10 +382,12 @@ def stochastic_depth(
         p (float): probability of a sample to be zeroed.
         mode (str): ``"row"`` drops each sample on its own, ``"batch"`` the whole batch at once.
         training (bool): apply it if ``True``; otherwise return ``input``. Default: ``True``
+        scale_by_keep (bool): scale kept samples by ``1 / (1 - p)``; ``False`` keeps them as
+            they are (timm's ``drop_path(..., scale_by_keep=False)``). Default: ``True``
         generator, seed, offset: as for :func:`dropout`.
 
     Returns:
-        Tensor of the input's shape, dtype and memory format; kept samples scaled by ``1 / (1 - p)``.
+        Tensor of the input's shape, dtype and memory format.
     """
     if has_torch_function_unary(input):
         return handle_torch_function(
@@ -394,13 +397,19 @@ def stochastic_depth(
             p,
             mode,
             training,
+            scale_by_keep=scale_by_keep,
             generator=generator,
             seed=seed,
             offset=offset,
         )
     p, seed, offset = _checked_call("stochastic_depth", input, _check_drop_p(p), seed, offset, generator)
     dims = _sample_dims(mode, input.dim())
-    return dropout(input, p, training, generator=generator, seed=seed, offset=offset, shared_dims=dims)
+    if scale_by_keep or not training or p == 0:
+        return dropout(input, p, training, generator=generator, seed=seed, offset=offset, shared_dims=dims)
+    # Kept samples unscaled: the state a dropout call would draw, replayed with scale 1 (one
+    # pass over memory, and backward replays the same mask and scale).
+    rng_state = ops.dropout_state(input, seed, offset, generator, dims)
+    return ops.dropout_replay(input, rng_state, p, dims, 1.0)
 
 
 def drop_path_add(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import functional_routing
 
 
 def _scripted_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, shared_dims: List[int]):
@@ -261,6 +262,46 @@ class FusedStochasticDepth(nn.Module):
         return f"{self.__class__.__name__}(p={self.p}, mode={self.mode})"
 
 
+class FusedDropPath(nn.Module):
+    """Drop-in for timm's :class:`timm.layers.DropPath`: drops whole samples of a residual
+    branch in one fused pass, with timm's constructor, attributes, ``repr`` and (empty)
+    ``state_dict``. See :func:`fused_dropout.functional.stochastic_depth`.
+
+    Args:
+        drop_prob (float): probability of a sample to be dropped. Default: 0.0
+        scale_by_keep (bool): scale kept samples by ``1 / (1 - drop_prob)``. Default: ``True``
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
+        return F.stochastic_depth(x, self.drop_prob, "row", self.training, scale_by_keep=self.scale_by_keep)
+
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = float(self.drop_prob)
+        if not self.training or p == 0.0:
+            return x
+        dims = list(range(1, x.dim()))
+        if self.scale_by_keep:
+            return torch.ops.fused_dropout.dropout(x, p, None, 0, None, dims)[0]
+        rng_state = torch.ops.fused_dropout.dropout_state(x, None, 0, None, dims)
+        return torch.ops.fused_dropout.dropout_replay(x, rng_state, p, dims, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def _is_timm_drop_path(module: nn.Module) -> bool:
+    # By name, so that replace_dropout works without timm installed.
+    cls = type(module)
+    return cls.__name__ == "DropPath" and cls.__module__.startswith("timm.")
+
+
 def _is_torchvision_stochastic_depth(module: nn.Module) -> bool:
     # Checked by name so that replace_dropout works without torchvision installed.
     cls = type(module)
@@ -345,12 +386,27 @@ def _fuse_activations(model: nn.Module) -> None:
             module._modules[second] = nn.Identity()
 
 
-def replace_dropout(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
+_FUSED_MODULES = (_FusedDropoutNd, FusedActDropout, FusedStochasticDepth, FusedDropPath)
+
+
+def _still_dropout_like(module: nn.Module) -> bool:
+    """A module left in place that drops something: torch's dropout classes and any class
+    named like a dropout (timm's DropBlock2d, other libraries' DropPath or StochasticDepth)."""
+    if isinstance(module, _FUSED_MODULES):
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    name = type(module).__name__
+    return "Drop" in name or "StochasticDepth" in name
+
+
+def replace_dropout(model: nn.Module, fuse_activations: bool = True, *, functional: bool = False) -> nn.Module:
     """Swap every torch dropout module (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
-    ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``) and every ``torchvision.ops.StochasticDepth``
-    in ``model`` (in place) for its fused counterpart with the same ``p``, ``inplace`` or
-    ``mode``, and training mode. Subclasses of those modules are left alone, with a warning
-    naming them.
+    ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``), every ``torchvision.ops.StochasticDepth``
+    and every ``timm.layers.DropPath`` in ``model`` (in place) for its fused counterpart with
+    the same arguments and training mode. A module registered in several places is replaced
+    by one fused module in all of them. Hooks registered on a swapped module (forward,
+    pre-forward, backward, state_dict) are carried over; their handles keep working.
 
     With ``fuse_activations``, an ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU`` directly followed by an
     ``nn.Dropout`` inside an ``nn.Sequential`` (torchvision's ``MLP`` and ViT's ``MLPBlock`` are
@@ -360,43 +416,68 @@ def replace_dropout(model: nn.Module, fuse_activations: bool = True) -> nn.Modul
     forward is ``nn.Sequential.forward`` are fused (a subclass with its own forward may use the
     activation's output twice), and a pair with a hook on either module stays unfused.
 
-    Hooks registered on a swapped module (forward, pre-forward, backward, state_dict) are
-    carried over to its replacement; their handles keep working.
+    With ``functional``, the model's own calls of ``torch.nn.functional.dropout`` (and its
+    channel-wise and alpha forms), which no module swap reaches, run as the fused ops too:
+    :func:`fused_dropout.functional_mode` is kept active wherever the model's modules run,
+    including a layer recomputed under checkpointing. ``fused_dropout.remove_functional_mode``
+    undoes it; ``state_dict`` is untouched either way.
+
+    Afterwards one warning names every module that still drops in torch (a subclass of a
+    dropout class, timm's ``DropBlock2d``, any class named like a dropout), and, without
+    ``functional``, says when the model's code calls functional dropout.
 
     Args:
         model (nn.Module): the model to change; a bare dropout module is replaced too.
         fuse_activations (bool): fuse activation + dropout pairs. Default: ``True``
+        functional (bool): reach functional dropout calls too. Default: ``False``
 
     Returns:
         The model (the new module when ``model`` itself was a dropout module).
     """
+    replaced = {}  # id of a replaced module -> its fused module, so a shared module stays shared
 
     def swap(module: nn.Module) -> nn.Module:
+        if id(module) in replaced:
+            return replaced[id(module)]
         if _is_torchvision_stochastic_depth(module):
             fused = FusedStochasticDepth(module.p, module.mode)
+        elif _is_timm_drop_path(module):
+            fused = FusedDropPath(module.drop_prob, module.scale_by_keep)
         elif type(module) in _REPLACEMENTS:
             fused = _REPLACEMENTS[type(module)](module.p, module.inplace)
         else:
             return module
         fused.train(module.training)
         _take_over_hooks(fused, module)
+        replaced[id(module)] = fused
         return fused
 
-    untouched = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and type(module) not in _REPLACEMENTS:
-            untouched.append(f"{name or '<model>'} ({type(module).__name__})")
     if fuse_activations:
         _fuse_activations(model)
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            replacement = swap(child)
+        # _modules itself, not named_children(), which names a module registered twice once.
+        for child_name, child in list(parent._modules.items()):
+            replacement = swap(child) if child is not None else child
             if replacement is not child:
                 setattr(parent, child_name, replacement)
-    if untouched:
-        warnings.warn(
-            "replace_dropout: left these modules unchanged, since fused_dropout has no kernel for them: "
-            + ", ".join(untouched),
-            stacklevel=2,
-        )
-    return swap(model)
+    model = swap(model)
+
+    untouched = [
+        f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules() if _still_dropout_like(m)
+    ]
+    calls_functional = not functional and any(functional_routing.uses_functional_dropout(m) for m in model.modules())
+    if untouched or calls_functional:
+        parts = []
+        if untouched:
+            parts.append(
+                "left these modules unchanged, since fused_dropout has no kernel for them: " + ", ".join(untouched)
+            )
+        if calls_functional:
+            parts.append(
+                "the model's code calls torch.nn.functional.dropout, which a module swap does not reach; "
+                "replace_dropout(model, functional=True) routes those calls to the fused ops"
+            )
+        warnings.warn("replace_dropout: " + "; ".join(parts), stacklevel=2)
+    if functional:
+        functional_routing.install(model)
+    return model
