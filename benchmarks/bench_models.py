@@ -72,8 +72,21 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-# The models model_specs builds (--quick: the first two).
-MODEL_NAMES = ["gpt2", "vit_b_16", "convnext_tiny", "swin_t", "efficientnet_b0", "vgg11"]
+# The models model_specs builds (--quick: the first two). The last two are the client
+# libraries' own: timm's ViT with drop path, and transformers' GPT-2 with eager attention,
+# whose attention dropout is a functional call (replace_dropout(..., functional=True)).
+MODEL_NAMES = ["gpt2", "vit_b_16", "convnext_tiny", "swin_t", "efficientnet_b0", "vgg11", "timm_vit_small", "hf_gpt2"]
+
+
+class LogitsOf(nn.Module):
+    """A transformers causal LM as a module that returns logits, as the benchmark's loss takes them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
 
 
 def model_specs(device, quick):
@@ -127,6 +140,44 @@ def model_specs(device, quick):
             ("efficientnet_b0", lambda fused: tv.efficientnet_b0(weights=None), images()),
             ("vgg11", lambda fused: tv.vgg11(weights=None), images()),
         ]
+        specs += client_library_specs(device, image, gpt, images, tokens)
+    return specs
+
+
+def client_library_specs(device, image, gpt, images, tokens):
+    """timm's ViT-S/16 with drop path 0.1 and transformers' GPT-2 with eager attention, where
+    the libraries are installed (random weights, nothing downloaded)."""
+    specs = []
+    try:
+        import timm
+    except ImportError:
+        print("bench_models: timm is not installed; skipping timm_vit_small", file=sys.stderr)
+    else:
+        specs.append(
+            (
+                "timm_vit_small",
+                lambda fused: timm.create_model(
+                    "vit_small_patch16_224", pretrained=False, img_size=image, drop_path_rate=0.1, drop_rate=0.1
+                ),
+                images(),
+            )
+        )
+    try:
+        import transformers
+    except ImportError:
+        print("bench_models: transformers is not installed; skipping hf_gpt2", file=sys.stderr)
+    else:
+
+        def hf_gpt2(fused):
+            config = transformers.GPT2Config(
+                n_layer=gpt["layers"], n_embd=gpt["dim"], n_head=gpt["heads"], n_positions=gpt["seq"], vocab_size=50257
+            )
+            model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager")
+            if fused:
+                fused_dropout.replace_dropout(model, functional=True)
+            return LogitsOf(model)
+
+        specs.append(("hf_gpt2", hf_gpt2, tokens()))
     return specs
 
 
@@ -207,7 +258,7 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
     stock = build(False).to(device)
     fused = fused_dropout.replace_dropout(build(True).to(device))
     fused.load_state_dict(stock.state_dict())
-    loss_fn = lm_loss if name == "gpt2" else F.cross_entropy
+    loss_fn = lm_loss if name in ("gpt2", "hf_gpt2") else F.cross_entropy
     batch = make_batch()
     variants = {}
     for mode in modes:

@@ -101,6 +101,8 @@ def install(model: nn.Module) -> None:
         return
     handles = []
     for module in model.modules():
+        if any(isinstance(hook, _EnterMode) for hook in module._forward_pre_hooks.values()):
+            continue  # a submodule installed on its own
         handles.append(module.register_forward_pre_hook(_EnterMode()))
         handles.append(module.register_forward_hook(_ExitMode(), always_call=True))
     object.__setattr__(model, _HANDLES, handles)

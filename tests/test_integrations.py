@@ -121,11 +121,21 @@ def test_autocast_runs_dropout_in_its_input_dtype(device):
     assert model[0].weight.grad is not None
 
 
-def _ddp_worker(rank, world, port, results):
+class FunctionalDropout(nn.Module):
+    """A layer that calls F.dropout itself, as transformers' attention does."""
+
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, self.training)
+
+
+def _ddp_worker(rank, world, port, results, functional=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)  # same weights on every rank
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), FusedDropout(0.5), nn.Linear(64, 2))
+    dropout = FunctionalDropout() if functional else FusedDropout(0.5)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), dropout, nn.Linear(64, 2))
+    if functional:
+        fused_dropout.replace_dropout(model, functional=True)
     ddp = nn.parallel.DistributedDataParallel(model)
     torch.manual_seed(100 + rank)  # each rank its own dropout stream
     generator = torch.Generator().manual_seed(5)
@@ -152,11 +162,12 @@ def _ddp_worker(rank, world, port, results):
     dist.destroy_process_group()
 
 
-def test_ddp_two_cpu_ranks():
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional_mode"])
+def test_ddp_two_cpu_ranks(functional):
     port = free_port()
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, results, functional), nprocs=2, join=True)
     a, b = results[0], results[1]
     assert a["mask"] != b["mask"]  # ranks draw different masks
     assert torch.equal(a["grad"], b["grad"])  # gradients are all-reduced
