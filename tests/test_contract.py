@@ -360,6 +360,7 @@ def test_modules_script():
     )
     scripted = torch.jit.script(model)
     x = random_input((3, 8), torch.float32)
+    torch.manual_seed(0)  # three dropouts in a row on 48 elements: a fixed draw, so never all zeros
     model.eval(), scripted.eval()
     assert torch.equal(scripted(x), model(x))
     scripted.train()

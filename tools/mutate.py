@@ -191,14 +191,17 @@ def run(command, cwd, log, timeout, env=None):
 
 
 def prepare_scratch(scratch: Path):
+    # Files are copied with fresh times (shutil.copy, not copy2), so that ninja rebuilds what
+    # changed since the last run, an interrupted mutant included.
     if not scratch.exists():
         scratch.mkdir(parents=True)
     for name in COPIED:
         source, target = ROOT / name, scratch / name
         if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            ignore = shutil.ignore_patterns("__pycache__", "*.so")
+            shutil.copytree(source, target, dirs_exist_ok=True, ignore=ignore, copy_function=shutil.copy)
         else:
-            shutil.copy2(source, target)
+            shutil.copy(source, target)
 
 
 def build(scratch: Path, log: Path) -> bool:
