@@ -69,7 +69,8 @@ def test_a_source_tree_shadowing_an_installed_build_is_named(tmp_path):
     (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     script = (
         "import sys\n"
-        f"sys.path.append({str(installed.parent)!r})\n"
+        # Right after the current directory, ahead of any real install in site-packages.
+        f"sys.path.insert(1, {str(installed.parent)!r})\n"
         "class NoBuild:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'fused_dropout._C':\n"
