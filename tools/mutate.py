@@ -111,12 +111,15 @@ MUTANTS = [
         "if (mask_step == 0 && !rule.keeps(run_words[0])) {",
         "the CPU's dropped-run skip ignores kDroppedReadsInput",
     ),
+    # (A bias column computed from the chunk alone, start % last_size, is not listed: where a
+    # bias runs the walk is logical, so row * inner is a multiple of the last dim and the
+    # change cannot alter a result.)
     Mutant(
-        "bias-column",
+        "gather-ignores-stride",
         "csrc/cpu/dropout_cpu.cpp",
-        "const int64_t column = (row * inner + start) % ops.last_size;",
-        "const int64_t column = start % ops.last_size;",
-        "the strided walk's bias column forgets the row",
+        "for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * x_step];",
+        "for (int64_t i = 0; i < count; ++i) x_run[i] = x[i];",
+        "the CPU's strided gather reads consecutive elements",
     ),
     # Autograd and vmap.
     Mutant(
