@@ -95,23 +95,6 @@ struct RuleSpec {
   std::optional<double> scale;  // kDropout only: replaces 1 / (1 - p), as alpha dropout's backward needs
 };
 
-// Calls f(std::integral_constant<Activation, act>{}): the activation as a template argument.
-template <typename F>
-void visit_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kReLU:
-      return f(std::integral_constant<Activation, Activation::kReLU>{});
-    case Activation::kGelu:
-      return f(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh:
-      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kSiLU:
-      return f(std::integral_constant<Activation, Activation::kSiLU>{});
-    case Activation::kSquaredReLU:
-      return f(std::integral_constant<Activation, Activation::kSquaredReLU>{});
-  }
-}
-
 // Calls f(rule) with the output rule of `spec` for scalar_t and drop probability p.
 template <typename scalar_t, typename F>
 void visit_rule(const RuleSpec& spec, double p, F&& f) {

@@ -81,6 +81,23 @@ struct AlphaRule {
 // (ATen's GeluKernel, Activation.cpp) so the fused form stays within an ulp or two of them.
 enum class Activation : int { kReLU = 0, kGelu, kGeluTanh, kSiLU, kSquaredReLU };
 
+// Calls f(std::integral_constant<Activation, act>{}): the activation as a template argument.
+template <typename F>
+void visit_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kReLU:
+      return f(std::integral_constant<Activation, Activation::kReLU>{});
+    case Activation::kGelu:
+      return f(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh:
+      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kSiLU:
+      return f(std::integral_constant<Activation, Activation::kSiLU>{});
+    case Activation::kSquaredReLU:
+      return f(std::integral_constant<Activation, Activation::kSquaredReLU>{});
+  }
+}
+
 template <Activation kAct, typename acc_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t activate(acc_t x) {
   // The ReLU forms are written as one select of values computed up front: GCC vectorises

@@ -4,6 +4,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+# act_dropout's activations (in forms.h's Activation order) and torch's own function for each.
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "squared_relu"]
+TORCH_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "squared_relu": lambda x: torch.square(F.relu(x)),
+}
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -21,35 +21,23 @@ void backward(const T* grad, const T* x, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = fused_dropout::activation_backward<kAct, T, T>(grad[i], x[i]);
 }
 
-template <typename T, typename F>
-void by_activation(int act, F&& f) {
-  switch (static_cast<Activation>(act)) {
-    case Activation::kReLU:
-      return f(std::integral_constant<Activation, Activation::kReLU>{});
-    case Activation::kGelu:
-      return f(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh:
-      return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kSiLU:
-      return f(std::integral_constant<Activation, Activation::kSiLU>{});
-    case Activation::kSquaredReLU:
-      return f(std::integral_constant<Activation, Activation::kSquaredReLU>{});
-  }
-}
-
 }  // namespace
 
 extern "C" {
 void activation_forward_f32(int act, const float* x, float* y, int64_t n) {
-  by_activation<float>(act, [&](auto a) { forward<float, decltype(a)::value>(x, y, n); });
+  fused_dropout::visit_activation(static_cast<Activation>(act),
+                                  [&](auto a) { forward<float, decltype(a)::value>(x, y, n); });
 }
 void activation_forward_f64(int act, const double* x, double* y, int64_t n) {
-  by_activation<double>(act, [&](auto a) { forward<double, decltype(a)::value>(x, y, n); });
+  fused_dropout::visit_activation(static_cast<Activation>(act),
+                                  [&](auto a) { forward<double, decltype(a)::value>(x, y, n); });
 }
 void activation_backward_f32(int act, const float* grad, const float* x, float* out, int64_t n) {
-  by_activation<float>(act, [&](auto a) { backward<float, decltype(a)::value>(grad, x, out, n); });
+  fused_dropout::visit_activation(static_cast<Activation>(act),
+                                  [&](auto a) { backward<float, decltype(a)::value>(grad, x, out, n); });
 }
 void activation_backward_f64(int act, const double* grad, const double* x, double* out, int64_t n) {
-  by_activation<double>(act, [&](auto a) { backward<double, decltype(a)::value>(grad, x, out, n); });
+  fused_dropout::visit_activation(static_cast<Activation>(act),
+                                  [&](auto a) { backward<double, decltype(a)::value>(grad, x, out, n); });
 }
 }

@@ -11,17 +11,9 @@ from torch import nn
 import fused_dropout
 
 import reference
-from helpers import DEVICES, DTYPES, assert_bitwise_equal, random_input, saved_bytes
+from helpers import ACTIVATIONS, DEVICES, DTYPES, TORCH_ACTIVATIONS, assert_bitwise_equal, random_input, saved_bytes
 
 SEED = 4242
-ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "squared_relu"]
-TORCH_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "squared_relu": lambda x: torch.square(F.relu(x)),
-}
 
 
 def expected_act_dropout(x, bias, p, activation, seed):

@@ -18,20 +18,11 @@ from torch.utils.cpp_extension import include_paths
 import fused_dropout as fd
 
 import reference
-from helpers import random_input, with_special_values
+from helpers import ACTIVATIONS, TORCH_ACTIVATIONS, random_input, with_special_values
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20261130
-ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "squared_relu"]  # forms.h's Activation order
 P_SWEEP = [0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95, 0.99]
-
-TORCH_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-    "squared_relu": lambda t: torch.square(F.relu(t)),
-}
 
 
 def assert_same_values(actual, expected):
