@@ -102,9 +102,8 @@ def write_build_info(path, cuda_home, cpu_only_reason):
 def extensions():
     debug = flag("DEBUG")
     cuda_home, reason = choose_cuda()
-    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")) + sorted(
-        str(p.relative_to(ROOT)) for p in CSRC.glob("cpu/*.cpp")
-    )
+    # Every form's files and the shared ones: a new form is new files under csrc/ops/.
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is a header template over OpenMP: without -fopenmp it runs serially.
     cxx_flags += ["-fopenmp"]
@@ -123,7 +122,7 @@ def extensions():
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("cuda/*.cu"))
+        sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu"))
         nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         nvcc_flags += ["--expt-relaxed-constexpr"]
         include_dirs += pip_cuda_include_dirs()

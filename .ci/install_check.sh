@@ -22,7 +22,7 @@ python -m pip install --quiet "torch==2.13.0" numpy pytest expecttest "setuptool
 echo "== sdist"
 python -m build --sdist --outdir "$WORK/dist" "$SRC" >"$WORK/sdist.log" 2>&1 || { tail -30 "$WORK/sdist.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/fused_dropout-*.tar.gz)
-tar -tzf "$SDIST" | grep -E "csrc/(cpu/simd.h|cuda/kernels.cuh|forms.h)|tests/(conftest|helpers|reference).py|requirements.txt" \
+tar -tzf "$SDIST" | grep -E "csrc/(cpu/simd.h|cuda/kernels.cuh|rules.h)|tests/(conftest|helpers|reference).py|requirements.txt" \
   | sort | tee "$WORK/sdist_contents.txt"
 [ "$(wc -l <"$WORK/sdist_contents.txt")" -eq 7 ] || { echo "the sdist lacks sources"; exit 1; }
 

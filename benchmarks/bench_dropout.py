@@ -20,14 +20,9 @@ Writes results.md (the table), results.csv, results.json and gbps.png to --out.
 """
 
 import argparse
-import csv
-import json
 import math
-import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +31,20 @@ from torch import nn
 import fused_dropout
 from fused_dropout import ops
 
+from common import (
+    DefaultsHelpFormatter,
+    Timer,
+    cycle,
+    describe_device,
+    noisy,
+    progress_bar,
+    provenance,
+    rotation,
+    saved_bytes,
+    write_results,
+)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except where there is none to show."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
@@ -83,155 +82,107 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class Timer:
-    """Median seconds of fn() over reps runs after warm-up."""
-
-    def __init__(self, device, reps, warmup):
-        self.device, self.reps, self.warmup = device, reps, warmup
-
-    def __call__(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            # Events around each call, the calls issued back to back with no host sync in
-            # between: where the device is the bottleneck the host runs ahead and an interval
-            # is device time; where the host is (small sizes), it includes the launch cost.
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-            torch.cuda.synchronize()
-            for start, end in zip(starts, ends):
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
-            times = [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
-        else:
-            for _ in range(self.reps):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-
-def saved_bytes(fn, x):
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return total
-
-
-def rotation(numel, dtype, device, cache_bytes):
-    """Enough distinct inputs that cycling through them overflows the last-level cache."""
-    bytes_each = numel * torch.tensor([], dtype=dtype).element_size()
-    count = int(min(256, max(2, 3 * cache_bytes // max(bytes_each, 1) + 1)))
-    generator = torch.Generator(device=device).manual_seed(numel)
-    return [torch.randn(numel, device=device, dtype=dtype, generator=generator) for _ in range(count)]
-
-
-def cycle(items):
-    state = {"i": 0}
-
-    def next_item():
-        state["i"] = (state["i"] + 1) % len(items)
-        return items[state["i"]]
-
-    return next_item
-
-
-def result_row(dtype, numel, variant, direction, seconds, counted_bytes, copy_seconds=None, saved_bytes=None):
-    """One row of the results: time, GB/s of the counted bytes, and % of a copy's speed
-    (NaN where no copy of the same bytes was timed)."""
-    return {
+def result_row(dtype, numel, variant, direction, seconds, counted_bytes, copy_seconds=None, saved=None):
+    """One row of the results: time (and the spread of its runs), GB/s of the counted bytes,
+    and % of a copy's speed (NaN where no copy of the same bytes was timed), flagged noisy
+    where the spread of the two timings is larger than the difference it reports."""
+    row = {
         "dtype": str(dtype).replace("torch.", ""),
         "numel": numel,
         "variant": variant,
         "direction": direction,
         "ms": seconds * 1e3,
+        "spread": getattr(seconds, "spread", float("nan")),
         "GB/s": counted_bytes / seconds / 1e9,
         "pct_of_copy": float("nan") if copy_seconds is None else 100.0 * copy_seconds / seconds,
-        "saved_bytes": saved_bytes,
+        "saved_bytes": saved,
+    }
+    if copy_seconds is not None and variant.split(": ")[-1] != "copy":
+        row["pct_of_copy_noisy"] = noisy(copy_seconds / seconds, copy_seconds, seconds)
+    return row
+
+
+def add_speedup(row, reference, label):
+    """The reference row's time over this row's, as speedup_vs_<label>, with its noise flag."""
+    if reference is None:
+        return
+    ratio = reference["ms"] / row["ms"]
+    row[f"speedup_vs_{label}"] = ratio
+    row[f"speedup_vs_{label}_noisy"] = row["spread"] + reference["spread"] > abs(ratio - 1.0)
+
+
+def time_directions(fn, timer, next_x, leaves, grad):
+    """Forward, backward alone (the graph built once per input, then only its backward timed)
+    and forward+backward of fn, and the bytes autograd saves for its backward."""
+    forward = timer(lambda: fn(next_x()))
+    graphs = [(leaf, fn(leaf)) for leaf in leaves]
+    next_graph, next_leaf = cycle(graphs), cycle(leaves)
+
+    def backward():
+        leaf, y = next_graph()
+        return torch.autograd.grad(y, leaf, grad, retain_graph=True)
+
+    def forward_backward():
+        leaf = next_leaf()
+        return torch.autograd.grad(fn(leaf), leaf, grad)
+
+    return {
+        "forward": forward,
+        "backward": timer(backward),
+        "forward+backward": timer(forward_backward),
+        "saved_bytes": saved_bytes(fn, leaves[0]),
+    }
+
+
+def time_backward_ops(x, p, timer, next_x):
+    """The backward ops alone, outside the autograd engine (whose own cost is a fixed tens of
+    microseconds per call): PyTorch's mask multiply against this library's mask replay."""
+    mask = torch.ops.aten.native_dropout(x, p, True)[1]
+    state = ops.dropout(x, p)[1]
+    return {
+        "F.dropout": timer(lambda: torch.ops.aten.native_dropout_backward(next_x(), mask, 1.0 / (1.0 - p))),
+        "fused_dropout": timer(lambda: ops.dropout_replay(next_x(), state, p)),
     }
 
 
 def measure_size(numel, dtype, device, p, timer, variants, cache_bytes):
+    """Flat tensors of numel elements: copy, (CPU) a multiply, and every variant forward,
+    backward, forward+backward and the backward op alone."""
     inputs = rotation(numel, dtype, device, cache_bytes)
     leaves = [x.clone().requires_grad_(True) for x in inputs[:2]]
     grad = torch.randn_like(inputs[0])
-    next_x, next_leaf = cycle(inputs), cycle(leaves)
-    es = inputs[0].element_size()
-    pass_bytes = 2 * numel * es
-    rows = {}
+    next_x = cycle(inputs)
+    pass_bytes = 2 * numel * inputs[0].element_size()
     copy_time = timer(lambda: next_x().clone())
-    rows["copy"] = {"forward": copy_time}
+    rows = {"copy": {"forward": copy_time}}
     if device.type == "cpu":
         rows["mul(x, 2.0)"] = {"forward": timer(lambda: torch.mul(next_x(), 2.0))}
     for name, fn in variants.items():
-        fwd = timer(lambda: fn(next_x()))
-        # Backward alone: the graph is built once per input, then only its backward is timed.
-        graphs = [(leaf, fn(leaf)) for leaf in leaves]
-        next_graph = cycle(graphs)
-
-        def backward():
-            leaf, y = next_graph()
-            return torch.autograd.grad(y, leaf, grad, retain_graph=True)
-
-        bwd = timer(backward)
-
-        def forward_backward():
-            leaf = next_leaf()
-            return torch.autograd.grad(fn(leaf), leaf, grad)
-
-        fwd_bwd = timer(forward_backward)
-        rows[name] = {
-            "forward": fwd,
-            "backward": bwd,
-            "forward+backward": fwd_bwd,
-            "saved_bytes": saved_bytes(fn, leaves[0]),
-        }
-        del graphs
-    # The backward ops alone, outside the autograd engine (whose own cost is a fixed tens of
-    # microseconds per call): PyTorch's mask multiply against this library's mask replay.
-    backward_ops = {
-        "F.dropout": (
-            torch.ops.aten.native_dropout(inputs[0], p, True)[1],
-            lambda g, mask: torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p)),
-        ),
-        "fused_dropout": (ops.dropout(inputs[0], p)[1], lambda g, state: ops.dropout_replay(g, state, p)),
-    }
-    for name, (saved, backward_op) in backward_ops.items():
-        if name in rows:
-            rows[name]["backward op"] = timer(lambda: backward_op(next_x(), saved))
+        rows[name] = time_directions(fn, timer, next_x, leaves, grad)
+    for name, seconds in time_backward_ops(inputs[0], p, timer, next_x).items():
+        rows[name]["backward op"] = seconds
     results = []
     for name, times in rows.items():
         for direction, seconds in times.items():
-            if direction == "saved_bytes":
-                continue
-            passes = 2 if direction == "forward+backward" else 1
-            results.append(
-                result_row(
-                    dtype,
-                    numel,
-                    name,
-                    direction,
-                    seconds,
-                    pass_bytes * passes,
-                    copy_time * passes,
-                    times.get("saved_bytes"),
+            if direction != "saved_bytes":
+                passes = 2 if direction == "forward+backward" else 1
+                results.append(
+                    result_row(
+                        dtype,
+                        numel,
+                        name,
+                        direction,
+                        seconds,
+                        pass_bytes * passes,
+                        copy_time * passes,
+                        times.get("saved_bytes"),
+                    )
                 )
-            )
     # Ratios to the PyTorch variants, measured in this same run.
-    for entry in results:
+    for entry in (r for r in results if r["variant"] == "fused_dropout"):
         for ref in ("F.dropout", "compiled F.dropout"):
             match = [r for r in results if r["variant"] == ref and r["direction"] == entry["direction"]]
-            if match and entry["variant"] == "fused_dropout":
-                entry[f"speedup_vs_{ref}"] = match[0]["ms"] / entry["ms"]
+            add_speedup(entry, match[0] if match else None, ref)
     return results
 
 
@@ -260,12 +211,9 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
         seconds = timer(lambda: fn(next_x(), next_residual()))
         results.append(result_row(dtype, rows_count * width, name, "forward", seconds, counted))
     fused = [r for r in results if r["variant"] == "add: fused_dropout"][0]
-    for ref in ("eager", "compiled"):
+    for ref, label in (("eager", "F.dropout"), ("compiled", "compiled F.dropout")):
         match = [r for r in results if r["variant"] == f"add: {ref}"]
-        if match:
-            fused[f"speedup_vs_{'F.dropout' if ref == 'eager' else 'compiled F.dropout'}"] = (
-                match[0]["ms"] / fused["ms"]
-            )
+        add_speedup(fused, match[0] if match else None, label)
     return results
 
 
@@ -286,8 +234,6 @@ def measure_family(numel, dtype, device, p, timer, compile_too, cache_bytes):
     bias = torch.randn(width, device=device, dtype=dtype)
     next_x, next_other, next_leaf = cycle(inputs), cycle(inputs[1:] + inputs[:1]), cycle(leaves)
     grad = torch.randn_like(inputs[0])
-    es = inputs[0].element_size()
-    n = inputs[0].numel()
     copy_time = timer(lambda: next_x().clone())  # 2n elements moved
 
     def stochastic_depth_eager(x, r):
@@ -316,34 +262,40 @@ def measure_family(numel, dtype, device, p, timer, compile_too, cache_bytes):
         ),
     }
     results = []
-    for form, (eager, fused, (fwd_passes, bwd_passes)) in forms.items():
+    for form, (eager, fused, passes) in forms.items():
         variants = {"eager": eager, "fused_dropout": fused}
         if compile_too:
             variants["compiled"] = torch.compile(eager, dynamic=False)
-        times = {}
-        for name, fn in variants.items():
-            forward = timer(lambda: fn(next_x(), next_other()))
-
-            def forward_backward():
-                leaf = next_leaf()
-                return torch.autograd.grad(fn(leaf, next_other()), leaf, grad)
-
-            times[name] = {"forward": forward, "forward+backward": timer(forward_backward)}
-        for name, by_direction in times.items():
-            for direction, seconds in by_direction.items():
-                passes = fwd_passes + (bwd_passes if direction == "forward+backward" else 0)
-                row = result_row(
-                    dtype, n, f"{form}: {name}", direction, seconds, passes * n * es, copy_time * passes / 2
-                )
-                if name == "fused_dropout":
-                    row["speedup_vs_F.dropout"] = by_direction_ratio(times, "eager", direction, seconds)
-                    row["speedup_vs_compiled F.dropout"] = by_direction_ratio(times, "compiled", direction, seconds)
-                results.append(row)
+        results += time_form(form, variants, passes, timer, (next_x, next_other, next_leaf), grad, copy_time, dtype)
     return results
 
 
-def by_direction_ratio(times, name, direction, seconds):
-    return times[name][direction] / seconds if name in times else None
+def time_form(form, variants, passes, timer, nexts, grad, copy_time, dtype):
+    """Rows of one form of the family: each variant forward and forward+backward, the fused
+    one with its ratios to eager and compiled. passes: (forward, backward) passes over n
+    elements that a fused kernel moves."""
+    next_x, next_other, next_leaf = nexts
+    fwd_passes, bwd_passes = passes
+    x = next_x()
+    n, es = x.numel(), x.element_size()
+    rows = {}
+    for name, fn in variants.items():
+
+        def forward_backward():
+            leaf = next_leaf()
+            return torch.autograd.grad(fn(leaf, next_other()), leaf, grad)
+
+        timings = {"forward": timer(lambda: fn(next_x(), next_other())), "forward+backward": timer(forward_backward)}
+        for direction, seconds in timings.items():
+            moved = fwd_passes + (bwd_passes if direction == "forward+backward" else 0)
+            rows[name, direction] = result_row(
+                dtype, n, f"{form}: {name}", direction, seconds, moved * n * es, copy_time * moved / 2
+            )
+    for (name, direction), row in rows.items():
+        if name == "fused_dropout":
+            add_speedup(row, rows.get(("eager", direction)), "F.dropout")
+            add_speedup(row, rows.get(("compiled", direction)), "compiled F.dropout")
+    return list(rows.values())
 
 
 def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
@@ -382,7 +334,7 @@ def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
             results.append(
                 result_row(dtype, images[0].numel(), f"{case}: {name}", "forward", seconds, counted, copy_time)
             )
-        results[-1]["speedup_vs_F.dropout"] = times["F.dropout"] / times["fused_dropout"]
+        add_speedup(results[-1], results[-2], "F.dropout")
     return results
 
 
@@ -406,36 +358,37 @@ def deep_mlp_peak_memory(device, dropout_cls, width=4096, depth=8, batch=8192):
     return peak
 
 
-def describe(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return (
-        f"CPU {platform.processor() or platform.machine()} with {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
-    )
-
-
 def fmt_size(numel):
     return f"2^{numel.bit_length() - 1}" if numel & (numel - 1) == 0 else str(numel)
 
 
 def markdown(results, header):
-    def cell(value, fmt):
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+    def cell(value, fmt, flagged=False):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return fmt.format(value) + (" (noisy)" if flagged else "")
 
     lines = [
         header,
         "",
-        "| dtype | size | direction | variant | ms | GB/s | % of copy | vs F.dropout | vs compiled | saved bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | size | direction | variant | ms | spread | GB/s | % of copy | vs F.dropout | vs compiled "
+        "| saved bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        vs_eager, vs_compiled = "speedup_vs_F.dropout", "speedup_vs_compiled F.dropout"
         lines.append(
             f"| {r['dtype']} | {fmt_size(r['numel'])} | {r['direction']} | {r['variant']} | {r['ms']:.3f} | "
-            f"{r['GB/s']:.1f} | {cell(r['pct_of_copy'], '{:.0f}%')} | "
-            f"{cell(r.get('speedup_vs_F.dropout'), '{:.2f}x')} | "
-            f"{cell(r.get('speedup_vs_compiled F.dropout'), '{:.2f}x')} | {cell(r['saved_bytes'], '{}')} |"
+            f"{cell(r['spread'], '{:.0%}')} | {r['GB/s']:.1f} | "
+            f"{cell(r['pct_of_copy'], '{:.0f}%', r.get('pct_of_copy_noisy'))} | "
+            f"{cell(r.get(vs_eager), '{:.2f}x', r.get(vs_eager + '_noisy'))} | "
+            f"{cell(r.get(vs_compiled), '{:.2f}x', r.get(vs_compiled + '_noisy'))} | {cell(r['saved_bytes'], '{}')} |"
         )
+    lines += [
+        "",
+        "spread: interquartile range of the timed runs over their median. (noisy): the spreads of the two "
+        "timings behind a ratio add up to more than the effect it reports; the ratio is not a measured difference.",
+    ]
     return "\n".join(lines)
 
 
@@ -471,17 +424,6 @@ def plot(results, path, title):
     plt.close(fig)
 
 
-def progress_bar(total, quiet):
-    """A progress bar with rate and ETA on a terminal, or None (CI, logs, --quiet)."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="size", dynamic_ncols=True)
-
-
 def quiet_cpu_compile_warning():
     # torch.compile on a machine without a GPU logs "No CUDA runtime is found, using
     # CUDA_HOME=..." from torch.utils.cpp_extension in the middle of the tables.
@@ -491,63 +433,65 @@ def quiet_cpu_compile_warning():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    quiet_cpu_compile_warning()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not fused_dropout.has_cuda_kernels():
-        sys.exit("bench_dropout: this build of fused_dropout has no CUDA kernels")
-    cuda = device.type == "cuda"
+def run_settings(args, cuda):
+    """(sizes, dtypes, reps, warmup) from the command line and its defaults."""
     if args.quick:
         sizes = [2**k for k in (args.log2_sizes or (16, 20))]
-        dtypes = args.dtypes or ["float32"]
-        reps, warmup = args.reps or 5, 2
-    else:
-        sizes = [2**k for k in (args.log2_sizes or (range(16, 29, 2) if cuda else range(16, 25, 2)))]
-        dtypes = args.dtypes or ["float32", "float16", "bfloat16"]
-        reps, warmup = args.reps or (50 if cuda else 11), (10 if cuda else 3)
-    if cuda:
-        free = torch.cuda.mem_get_info()[0]
-        cache_bytes = 50 * 2**20  # L2 of an H100 / H200
-    else:
-        cache_bytes = 64 * 2**20
-    timer = Timer(device, reps, warmup)
-    p = args.p
+        return sizes, args.dtypes or ["float32"], args.reps or 5, 2
+    sizes = [2**k for k in (args.log2_sizes or (range(16, 29, 2) if cuda else range(16, 25, 2)))]
+    return (
+        sizes,
+        args.dtypes or ["float32", "float16", "bfloat16"],
+        args.reps or (50 if cuda else 11),
+        (10 if cuda else 3),
+    )
+
+
+def dropout_variants(p, compile_too):
     variants = {
         "F.dropout": lambda x: F.dropout(x, p, training=True),
         "fused_dropout": lambda x: fused_dropout.dropout(x, p, training=True),
     }
-    if not args.no_compile:
+    if compile_too:
         # One compiled graph per dtype, size and requires_grad: allow them all, or dynamo
         # would silently fall back to eager after its default limit of 8.
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, 256)
         variants["compiled F.dropout"] = torch.compile(lambda x: F.dropout(x, p, training=True), dynamic=False)
-    header = f"Dropout p={p} on {describe(device)}, {time.strftime('%Y-%m-%d')}; median of {reps} runs"
-    print(header, flush=True)
+    return variants
+
+
+def measure_all(args, device, sizes, dtypes, timer):
+    """Every row of the run, size by size, with a line (or a progress bar) per size."""
+    cuda = device.type == "cuda"
+    cache_bytes = 50 * 2**20 if cuda else 64 * 2**20  # L2 of an H100 / H200; the CPU's last level
+    free = torch.cuda.mem_get_info()[0] if cuda else None
+    variants = dropout_variants(args.p, not args.no_compile)
     results = []
     bar = progress_bar(len(dtypes) * len(sizes), args.quiet)
+    say = bar.write if bar is not None else print
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         for numel in sizes:
             if bar is not None:
                 bar.set_description(f"{dtype_name} {fmt_size(numel)}")
             if cuda and numel * torch.tensor([], dtype=dtype).element_size() * 24 > free:
-                print(f"  skipping {dtype_name} 2^{numel.bit_length() - 1}: not enough GPU memory", flush=True)
+                say(f"  skipping {dtype_name} 2^{numel.bit_length() - 1}: not enough GPU memory", flush=True)
                 continue
-            rows = measure_size(numel, dtype, device, p, timer, variants, cache_bytes)
+            rows = measure_size(numel, dtype, device, args.p, timer, variants, cache_bytes)
             if not args.no_add:
-                rows += measure_dropout_add(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
+                rows += measure_dropout_add(numel, dtype, device, args.p, timer, not args.no_compile, cache_bytes)
             if not args.no_layouts:
-                rows += measure_layouts(numel, dtype, device, p, timer, cache_bytes)
+                rows += measure_layouts(numel, dtype, device, args.p, timer, cache_bytes)
             if not args.no_family:
-                rows += measure_family(numel, dtype, device, p, timer, not args.no_compile, cache_bytes)
+                rows += measure_family(numel, dtype, device, args.p, timer, not args.no_compile, cache_bytes)
             results += rows
             ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
-            (bar.write if bar is not None else print)(
+            flag = " (noisy)" if ours.get("speedup_vs_F.dropout_noisy") else ""
+            say(
                 f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "
-                f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout",
+                f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout{flag}",
                 flush=True,
             )
             if bar is not None:
@@ -556,14 +500,43 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     if bar is not None:
         bar.close()
+    return results
+
+
+CSV_KEYS = [
+    "dtype",
+    "numel",
+    "variant",
+    "direction",
+    "ms",
+    "spread",
+    "GB/s",
+    "pct_of_copy",
+    "pct_of_copy_noisy",
+    "saved_bytes",
+    "speedup_vs_F.dropout",
+    "speedup_vs_F.dropout_noisy",
+    "speedup_vs_compiled F.dropout",
+    "speedup_vs_compiled F.dropout_noisy",
+]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet_cpu_compile_warning()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not fused_dropout.has_cuda_kernels():
+        sys.exit("bench_dropout: this build of fused_dropout has no CUDA kernels")
+    sizes, dtypes, reps, warmup = run_settings(args, device.type == "cuda")
+    header = f"Dropout p={args.p} on {describe_device(device)}, {time.strftime('%Y-%m-%d')}; median of {reps} runs"
+    print(header, flush=True)
+    results = measure_all(args, device, sizes, dtypes, Timer(device, reps, warmup))
     memory = None
-    if cuda and not args.no_mlp:
+    if device.type == "cuda" and not args.no_mlp:
         memory = {
             "nn.Dropout": deep_mlp_peak_memory(device, nn.Dropout),
             "FusedDropout": deep_mlp_peak_memory(device, fused_dropout.FusedDropout),
         }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, header)
     if memory:
         table += (
@@ -571,37 +544,9 @@ def main(argv=None):
             + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items())
             + f" (saved {(memory['nn.Dropout'] - memory['FusedDropout']) / 2**20:.0f} MiB)"
         )
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "device": describe(device),
-                "date": time.strftime("%Y-%m-%d"),
-                "p": p,
-                "reps": reps,
-                "results": results,
-                "deep_mlp_peak_memory_bytes": memory,
-            },
-            indent=2,
-        )
-    )
-    with open(out / "results.csv", "w", newline="") as f:
-        keys = [
-            "dtype",
-            "numel",
-            "variant",
-            "direction",
-            "ms",
-            "GB/s",
-            "pct_of_copy",
-            "saved_bytes",
-            "speedup_vs_F.dropout",
-            "speedup_vs_compiled F.dropout",
-        ]
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({k: r.get(k, "") for k in keys})
+    prov = provenance(device)
+    extra = {"p": args.p, "reps": reps, "deep_mlp_peak_memory_bytes": memory}
+    out = write_results(args.out, prov, table, results, CSV_KEYS, extra)
     plot(results, out / "gbps.png", header)
     print()
     print(table)

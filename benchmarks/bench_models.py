@@ -14,13 +14,8 @@ per storage), which is where dropout's masks live.
 
 import argparse
 import copy
-import json
-import math
-import platform
-import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -28,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_dropout
+
+from common import DefaultsHelpFormatter, Timing, progress_bar, provenance, saved_bytes, write_results
 
 
 class DecoderBlock(nn.Module):
@@ -181,19 +178,6 @@ def client_library_specs(device, image, gpt, images, tokens):
     return specs
 
 
-def saved_bytes_of_forward(model, inputs):
-    storages = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(inputs)
-    return sum(storages.values())
-
-
 def make_step(model, batch, loss_fn):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -212,6 +196,7 @@ def lm_loss(logits, target):
 
 
 def timed(step, device):
+    """Milliseconds of one call of step, on the device's clock."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -224,22 +209,13 @@ def timed(step, device):
     return (time.perf_counter() - begin) * 1e3
 
 
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-
 class Progress:
     """A tqdm bar over all rounds (warm-up and timed) on a terminal; plain lines on stderr
     otherwise (CI, logs); nothing with --quiet."""
 
     def __init__(self, total, quiet):
-        from bench_dropout import progress_bar
-
         self.quiet = quiet
-        self.bar = progress_bar(total, quiet)
-        if self.bar is not None:
-            self.bar.unit = "round"
+        self.bar = progress_bar(total, quiet, unit="round")
 
     def step(self, message):
         if self.bar is not None:
@@ -287,15 +263,17 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
             torch.cuda.synchronize()
             memory = torch.cuda.max_memory_allocated() - base
         else:
-            memory = saved_bytes_of_forward(v["model"], batch[0]) if mode == "eager" else float("nan")
+            memory = saved_bytes(v["model"], batch[0]) if mode == "eager" else float("nan")
+        timing = Timing.of(v["ms"])
         rows.append(
             {
                 "model": name,
                 "variant": kind,
                 "mode": mode,
-                "ms_median": statistics.median(v["ms"]),
-                "ms_p95": percentile(v["ms"], 0.95),
-                "ms_max": max(v["ms"]),
+                "ms_median": float(timing),
+                "ms_p95": timing.p95,
+                "ms_max": timing.max,
+                "spread": timing.spread,
                 "memory_bytes": memory,
                 "steps": len(v["ms"]),
             }
@@ -303,34 +281,37 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
     for row in rows:
         stock_row = next(r for r in rows if r["mode"] == row["mode"] and r["variant"] == "stock")
         row["speedup_vs_stock"] = stock_row["ms_median"] / row["ms_median"]
+        row["speedup_noisy"] = row is not stock_row and row["spread"] + stock_row["spread"] > abs(
+            row["speedup_vs_stock"] - 1.0
+        )
         row["memory_vs_stock"] = (
             row["memory_bytes"] / stock_row["memory_bytes"] if stock_row["memory_bytes"] else float("nan")
         )
     return rows
 
 
-def write_outputs(rows, meta, out):
-    out.mkdir(parents=True, exist_ok=True)
-    json.dump({**meta, "results": rows}, open(out / "results.json", "w"), indent=1)
+def write_outputs(rows, meta, out, prov):
     memory_name = "peak memory (MiB)" if meta["device"].startswith("cuda") else "saved for backward (MiB)"
     lines = [
-        f"# Training step, stock vs replace_dropout: {meta['device_name']}",
+        f"# Training step, stock vs replace_dropout: {prov['device']}",
         "",
-        f"{meta['date']}, torch {meta['torch']}, {meta['steps']} timed steps per variant after "
-        f"{meta['warmup']} warm-up, interleaved. Time is the whole step (forward, backward, AdamW), not dropout alone.",
+        f"{meta['steps']} timed steps per variant after {meta['warmup']} warm-up, interleaved. Time is the whole "
+        "step (forward, backward, AdamW), not dropout alone. spread: interquartile range over the median; "
+        "(noisy): the two spreads add up to more than the speed difference, which is then not measured.",
         "",
-        f"| model | mode | variant | steps/s | ms median | ms p95 | ms max | {memory_name} "
+        f"| model | mode | variant | steps/s | ms median | ms p95 | ms max | spread | {memory_name} "
         "| speed vs stock | memory vs stock |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mem = "" if r["memory_bytes"] != r["memory_bytes"] else f"{r['memory_bytes'] / 2**20:.1f}"
         mem_ratio = "" if r["memory_vs_stock"] != r["memory_vs_stock"] else f"{r['memory_vs_stock']:.3f}x"
+        speed = f"{r['speedup_vs_stock']:.3f}x" + (" (noisy)" if r["speedup_noisy"] else "")
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['variant']} | {1e3 / r['ms_median']:.2f} | {r['ms_median']:.1f} | "
-            f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {mem} | {r['speedup_vs_stock']:.3f}x | {mem_ratio} |"
+            f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {r['spread']:.0%} | {mem} | {speed} | {mem_ratio} |"
         )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_results(out, prov, "\n".join(lines), rows, extra=meta)
     try:
         import matplotlib
 
@@ -346,21 +327,12 @@ def write_outputs(rows, meta, out):
         ax.barh([f"{m} ({mode})" for m, mode in labels], fused)
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xlabel("training-step speed of replace_dropout(model) / stock (median)")
-        ax.set_title(meta["device_name"])
+        ax.set_title(prov["device"])
         fig.tight_layout()
         fig.savefig(out / "speedup.png", dpi=120)
     except ImportError:
         pass
     print("\n".join(lines))
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except where there is none to show."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def main():
@@ -397,21 +369,8 @@ def main():
     for name, build, make_batch in specs:
         rows += bench_model(name, build, make_batch, device, args.modes, steps, warmup, progress)
     progress.close()
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    meta = {
-        "device": str(device),
-        "device_name": device_name,
-        "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "steps": steps,
-        "warmup": warmup,
-        "quick": args.quick,
-    }
-    write_outputs(rows, meta, Path(args.out))
+    meta = {"device": str(device), "steps": steps, "warmup": warmup, "quick": args.quick}
+    write_outputs(rows, meta, Path(args.out), provenance(device))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import DefaultsHelpFormatter, percentile, provenance, write_results
 
 WORKER = r"""
 import json, sys, time, torch, fused_dropout
@@ -56,11 +57,6 @@ while time.time() < end:
 """
 
 
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
 # Each setting: the environment its worker runs with (on top of this process's, with both
 # variables removed first).
 SETTINGS = {
@@ -80,9 +76,7 @@ def run_round(setting, calls):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--calls", type=int, default=40, help="calls per setting per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of every setting, taken in turn")
     parser.add_argument("--out", default="runs/cpu_tail_latency", help="output folder")
@@ -126,10 +120,7 @@ def main():
             f"| {machine} | {setting} | {op} | {r['calls']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
             f"{r['max_ms']:.1f} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, provenance("cpu"), "\n".join(lines), results)
     print("\n".join(lines))
 
 

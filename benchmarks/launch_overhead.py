@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import fused_dropout
 
+from common import provenance, provenance_line
+
 
 def per_call_us(fn, device, calls=2000, rounds=5):
     for _ in range(200):
@@ -42,6 +44,7 @@ def main():
     leaf = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)
     variants = {"F.dropout": lambda t: F.dropout(t, 0.5), "fused_dropout": lambda t: fused_dropout.dropout(t, 0.5)}
+    print(provenance_line(provenance(device)))
     print(
         f"host cost per call, {args.numel} float32 elements on {device} (best of 5 rounds of 2000 calls), "
         f"torch {torch.__version__}"

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_dropout  # noqa: E402
 
 import mnist_data  # noqa: E402
+from common import describe_device, provenance, provenance_line  # noqa: E402
 
 VARIANTS = {"nn.Dropout": nn.Dropout, "FusedDropout": fused_dropout.FusedDropout}
 TOLERANCE_PP = 0.3  # mean test accuracies must agree within this many percentage points
@@ -364,18 +365,35 @@ def write_outputs(out, runs, rows, results, meta, with_plot=True):
             for e in r["epochs"]:
                 writer.writerow([r["variant"], r["p"], r["seed"], e["epoch"]] + [e[k] for k in keys])
     (out / "summary.md").write_text(
-        f"{meta['description']}\n\n{markdown_table(rows)}\n\n" + "\n".join(verdict_lines(results)) + "\n"
+        f"{provenance_line(meta['provenance'])}\n\n{meta['description']}\n\n{markdown_table(rows)}\n\n"
+        + "\n".join(verdict_lines(results))
+        + "\n"
     )
     if with_plot:
         plot(runs, out / "curves.png")
 
 
-def machine_description(device):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+def load_data(args, device, dist):
+    """The (train x, train y, test x, test y) tensors on the device, and the image counts;
+    (None, None) after printing why the data could not be had."""
+    try:
+        # One rank prepares (or downloads) the files while the others wait, then all read them.
+        if dist.main:
+            mnist_data.prepare(args.data_root, args.download)
+        dist.barrier()
+        train_images, train_labels, test_images, test_labels = mnist_data.load_mnist(args.data_root)
+    except mnist_data.MnistDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None, None
+    if args.subset is not None:
+        train_images, train_labels = train_images[: args.subset], train_labels[: args.subset]
+    data = (
+        to_inputs(train_images, device),
+        train_labels.to(device),
+        to_inputs(test_images, device),
+        test_labels.to(device),
+    )
+    return data, (len(train_images), len(test_images))
 
 
 def main(argv=None):
@@ -394,40 +412,26 @@ def main(argv=None):
         if dist.main and not args.quiet:
             print(message, flush=True)
 
-    try:
-        # One rank prepares (or downloads) the files while the others wait, then all read them.
-        if dist.main:
-            mnist_data.prepare(args.data_root, args.download)
-        dist.barrier()
-        train_images, train_labels, test_images, test_labels = mnist_data.load_mnist(args.data_root)
-    except mnist_data.MnistDataError as error:
-        print(f"error: {error}", file=sys.stderr)
+    data, images = load_data(args, device, dist)
+    if data is None:
         return 2
-    if args.subset is not None:
-        train_images, train_labels = train_images[: args.subset], train_labels[: args.subset]
-    data = (
-        to_inputs(train_images, device),
-        train_labels.to(device),
-        to_inputs(test_images, device),
-        test_labels.to(device),
-    )
-
     description = (
-        f"MNIST MLP 784-512-10, {len(train_images)} training / {len(test_images)} test images, "
+        f"MNIST MLP 784-512-10, {images[0]} training / {images[1]} test images, "
         f"batch {args.batch_size}{' x ' + str(dist.world) + ' ranks' if dist.world > 1 else ''}, "
-        f"Adam lr {args.lr:g}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, on {machine_description(device)}"
+        f"Adam lr {args.lr:g}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, on {describe_device(device)}"
     )
     log(description)
-    full_size = len(train_images) >= FULL_TRAINING_SET and args.epochs >= DEFAULT_EPOCHS
+    full_size = images[0] >= FULL_TRAINING_SET and args.epochs >= DEFAULT_EPOCHS
     full_size = full_size and args.seeds >= DEFAULT_SEEDS
     meta = {
         "description": description,
         "args": vars(args),
-        "device": machine_description(device),
+        "device": describe_device(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "world_size": dist.world,
         "date": time.strftime("%Y-%m-%d"),
+        "provenance": provenance(device),
     }
     out = Path(args.out)
     runs = []

@@ -109,10 +109,15 @@ struct KeepRule {
   }
 };
 
-// The output rule: a kept element is cast(acc(x) * scale), a dropped one is exactly +0.0,
-// also when x is NaN or inf. The select is done on the bits (AND with an all-ones or
-// all-zeros mask) rather than with a branch, so the CPU loops vectorise.
-template <typename scalar_t, typename acc_t>
+// The accumulation type torch uses for a tensor dtype (its opmath type): float for
+// float16, bfloat16 and float32, double for float64.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The output rule of plain dropout: a kept element is cast(acc(x) * scale), a dropped one
+// is exactly +0.0, also when x is NaN or inf. The select is done on the bits (AND with an
+// all-ones or all-zeros mask) rather than with a branch, so the CPU loops vectorise.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 struct MaskedScale {
   using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
                                     std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
@@ -145,15 +150,6 @@ struct MaskedScale {
     return static_cast<scalar_t>(static_cast<acc_t>(residual) + static_cast<acc_t>((*this)(x, word)));
   }
 };
-
-// The accumulation type torch uses for a tensor dtype (its opmath type): float for
-// float16, bfloat16 and float32, double for float64.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// The output rule of a tensor dtype.
-template <typename scalar_t>
-using OutputRule = MaskedScale<scalar_t, acc_type<scalar_t>>;
 
 // x + bias rounded to the dtype, as torch's add rounds it.
 template <typename scalar_t>

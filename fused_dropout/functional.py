@@ -2,7 +2,7 @@
 
 import operator
 import warnings
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
@@ -11,11 +11,12 @@ from . import ops
 from .ops import U64
 
 
-def _check_p(p) -> float:
+def _check_p(p, what: str = "dropout probability") -> float:
     """``p`` as a float. What torch accepts is accepted (a float, an int, a bool, a 0-d
-    tensor) and what it refuses is refused, in torch's words; NaN is refused too."""
+    tensor) and what it refuses is refused, in torch's words (torchvision's "drop
+    probability" for stochastic depth); NaN is refused too."""
     if p < 0.0 or p > 1.0 or p != p:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        raise ValueError(f"{what} has to be between 0 and 1, but got {p}")
     return float(p)
 
 
@@ -265,9 +266,7 @@ def feature_alpha_dropout(
         )
     p = _check_p(p)
     _check_tensor("feature_alpha_dropout", "input", input)
-    if input.dim() < 2:
-        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    dims = tuple(range(2, input.dim()))
+    dims = _channel_dims(input.dim(), batched=True)
     return alpha_dropout(input, p, training, inplace, generator=generator, seed=seed, offset=offset, shared_dims=dims)
 
 
@@ -352,13 +351,6 @@ def _sample_dims(mode: str, ndim: int) -> tuple:
     raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
 
 
-def _check_drop_p(p) -> float:
-    # torchvision's words for stochastic depth's p.
-    if p < 0.0 or p > 1.0 or p != p:
-        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
-    return float(p)
-
-
 def stochastic_depth(
     input: torch.Tensor,
     p: float,
@@ -402,7 +394,7 @@ def stochastic_depth(
             seed=seed,
             offset=offset,
         )
-    p, seed, offset = _checked_call("stochastic_depth", input, _check_drop_p(p), seed, offset, generator)
+    p, seed, offset = _checked_call("stochastic_depth", input, _check_p(p, "drop probability"), seed, offset, generator)
     dims = _sample_dims(mode, input.dim())
     if scale_by_keep or not training or p == 0:
         return dropout(input, p, training, generator=generator, seed=seed, offset=offset, shared_dims=dims)
@@ -461,7 +453,7 @@ def drop_path_add(
             seed=seed,
             offset=offset,
         )
-    p, seed, offset = _checked_call("drop_path_add", input, _check_drop_p(p), seed, offset, generator)
+    p, seed, offset = _checked_call("drop_path_add", input, _check_p(p, "drop probability"), seed, offset, generator)
     _check_tensor("drop_path_add", "residual", residual)
     _check_tensor("drop_path_add", "scale", scale, optional=True)
     dims = _sample_dims(mode, input.dim())
@@ -480,13 +472,31 @@ def drop_path_add(
     return ops.dropout_add(branch, residual, None, p, seed, offset, generator, dims)[0]
 
 
-def _channel_dropout(input, p, training, inplace, batched, generator, seed, offset):
-    # torch's feature dropout: one decision per (sample, channel), shared over the spatial
-    # dims. An unbatched input's channel dim is 0, a batched one's is 1; torch refuses an
-    # input with fewer than 2 dims once an unbatched one is given its batch dim.
-    if input.dim() + (0 if batched else 1) < 2:
+def _channel_dims(ndim: int, batched: bool) -> List[int]:
+    """The dims torch's feature dropout shares one decision over (one per sample and channel):
+    the spatial dims. An unbatched input's channel dim is 0, a batched one's is 1; torch refuses
+    an input with fewer than 2 dims once an unbatched one is given its batch dim. The one home
+    of the channel-wise shape rules: the functions below and the modules' TorchScript path
+    (which compiles it) call it."""
+    if ndim + (0 if batched else 1) < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    dims = tuple(range(2 if batched else 1, input.dim()))
+    return list(range(2 if batched else 1, ndim))
+
+
+def _dropout1d_batched(ndim: int) -> bool:
+    """Whether a dropout1d input of ``ndim`` dims has a batch dim; torch's words for any other rank."""
+    if ndim != 2 and ndim != 3:
+        raise RuntimeError(
+            "dropout1d: Expected 2D or 3D input, but received a "
+            + str(ndim)
+            + "D input. Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension (i.e. 2D or 3D inputs)."
+        )
+    return ndim == 3
+
+
+def _channel_dropout(input, p, training, inplace, batched, generator, seed, offset):
+    dims = _channel_dims(input.dim(), batched)
     return dropout(input, p, training, inplace, generator=generator, seed=seed, offset=offset, shared_dims=dims)
 
 
@@ -522,14 +532,7 @@ def dropout1d(
         )
     p = _check_p(p)
     _check_tensor("dropout1d", "input", input)
-    if input.dim() not in (2, 3):
-        raise RuntimeError(
-            f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
-            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
-            "spatial dimension, a channel dimension, and an optional batch dimension "
-            "(i.e. 2D or 3D inputs)."
-        )
-    return _channel_dropout(input, p, training, inplace, input.dim() == 3, generator, seed, offset)
+    return _channel_dropout(input, p, training, inplace, _dropout1d_batched(input.dim()), generator, seed, offset)
 
 
 def dropout2d(

@@ -42,13 +42,6 @@ def _scripted_activation(input: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.square(torch.nn.functional.relu(input))
 
 
-def _feature_dims(input: torch.Tensor) -> List[int]:
-    # The spatial dims of a batched (N, C, ...) input, which feature alpha dropout shares.
-    if input.dim() < 2:
-        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    return list(range(2, input.dim()))
-
-
 class _FusedDropoutNd(nn.Module):
     __constants__ = ["p", "inplace"]
 
@@ -108,9 +101,7 @@ class FusedDropout1d(_FusedDropoutNd):
         return F.dropout1d(input, self.p, self.training, self.inplace)
 
     def _shared_dims(self, input: torch.Tensor) -> List[int]:
-        if input.dim() not in (2, 3):
-            raise RuntimeError("dropout1d: Expected 2D or 3D input, but received a " + str(input.dim()) + "D input")
-        return list(range(input.dim() - 1, input.dim()))
+        return F._channel_dims(input.dim(), F._dropout1d_batched(input.dim()))
 
 
 class FusedDropout2d(_FusedDropoutNd):
@@ -122,7 +113,7 @@ class FusedDropout2d(_FusedDropoutNd):
         return F.dropout2d(input, self.p, self.training, self.inplace)
 
     def _shared_dims(self, input: torch.Tensor) -> List[int]:
-        return _feature_dims(input)
+        return F._channel_dims(input.dim(), True)
 
 
 class FusedDropout3d(_FusedDropoutNd):
@@ -134,9 +125,7 @@ class FusedDropout3d(_FusedDropoutNd):
         return F.dropout3d(input, self.p, self.training, self.inplace)
 
     def _shared_dims(self, input: torch.Tensor) -> List[int]:
-        if input.dim() < 1:
-            raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-        return list(range(2 if input.dim() == 5 else 1, input.dim()))
+        return F._channel_dims(input.dim(), input.dim() == 5)
 
 
 class FusedDropoutAdd(_FusedDropoutNd):
@@ -186,7 +175,9 @@ class FusedFeatureAlphaDropout(_FusedDropoutNd):
         return F.feature_alpha_dropout(input, self.p, self.training, self.inplace)
 
     def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _scripted_alpha_dropout(input, float(self.p), self.training, self.inplace, _feature_dims(input))
+        return _scripted_alpha_dropout(
+            input, float(self.p), self.training, self.inplace, F._channel_dims(input.dim(), True)
+        )
 
 
 class FusedActDropout(nn.Module):

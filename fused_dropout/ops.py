@@ -6,7 +6,7 @@ regenerates the same mask from ``rng_state``: it is the backward of dropout, alp
 ``dropout_add`` (``act_dropout`` has its own, ``act_dropout_backward``), so the state is all
 autograd saves beyond act_dropout's input. In-place dropout is ``dropout_state`` (draw the state) followed by
 ``dropout_replay_`` (apply its mask in place). Autograd, forward-mode AD and the in-place
-version counter are registered in C++ (``csrc/autograd.cpp``), so a training step pays no
+version counter are registered in C++ (``csrc/autograd.h`` and each form's files), so a training step pays no
 Python per call beyond these wrappers.
 """
 
@@ -207,8 +207,9 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return _lib.philox4x32_10.default(counter, key)
 
 
-# The fake (Meta) kernels are in C++ (csrc/meta.cpp): they run the same argument checks as the
-# CPU and CUDA kernels, so torch.compile, torch.export and FakeTensorMode refuse what eager refuses.
+# The fake (Meta) kernels are in C++ (each form's csrc/ops/<form>/<form>.cpp): they run the
+# same argument checks as the CPU and CUDA kernels, so torch.compile, torch.export and
+# FakeTensorMode refuse what eager refuses.
 
 
 # vmap rules. Each runs the op once on the whole batch, with the vmapped dim moved first:

@@ -1,11 +1,11 @@
 // Runs the CUDA kernels' source (csrc/cuda/kernels.cuh) on the CPU: every (block, thread) of
-// the launch that dropout_cuda.cu would make runs the kernel body in turn, and the output is
+// the launch that cuda/launch.cuh would make runs the kernel body in turn, and the output is
 // compared bit for bit with a plain loop over the elements of the mask rule. This checks the
 // kernels' indexing wherever a C++ compiler is, GPU or not: for the row-major kernel the full
 // and partial steps, aligned and unaligned operands and the bias column; for the strided
 // kernel permuted, channels_last, sliced, expanded and transposed operands and shared masks,
-// walked in the merged layout (csrc/layout.h) that dropout_cuda.cu launches it with, or sent
-// to the row-shared kernel where dropout_cuda.cu sends them; for the row-shared kernel rows
+// walked in the merged layout that the launch plan (csrc/cuda/launch_plan.h) gives it, or sent
+// to the row-shared kernel where the plan sends them; for the row-shared kernel rows
 // of every length from one step, and that it never reads a dropped row's input.
 // Built and run by tests/test_cuda_kernel_on_host.py; exits non-zero on any difference.
 #include <algorithm>
@@ -34,6 +34,7 @@ static LaunchIndex blockIdx, threadIdx;
 #include <c10/util/Half.h>
 
 #include "cuda/kernels.cuh"
+#include "cuda/launch_plan.h"
 
 namespace fused_dropout {
 
@@ -45,23 +46,23 @@ inline void resolve_state(const HostState& src, uint64_t& seed, uint64_t& base) 
   base = src.base;
 }
 
-// One launch, as dropout_cuda.cu sizes it: one thread per step of step_elems() elements.
+// One launch, as cuda/launch.cuh sizes it: one thread per step of step_elems() elements.
 // The output rules the kernels are checked with: plain dropout, alpha dropout, GELU + dropout,
 // and GELU + dropout's backward (a two-operand rule).
 enum class TestRule { kDropout, kAlpha, kGelu, kGeluGrad };
 
 template <typename T, TestRule kRule>
 auto test_rule() {
-  if constexpr (kRule == TestRule::kDropout) return OutputRule<T>::for_p(0.3);
+  if constexpr (kRule == TestRule::kDropout) return MaskedScale<T>::for_p(0.3);
   if constexpr (kRule == TestRule::kAlpha) return AlphaRule<T, acc_type<T>>::for_p(0.3);
-  if constexpr (kRule == TestRule::kGelu) return ActRule<Activation::kGelu, T, acc_type<T>>{OutputRule<T>::for_p(0.3)};
+  if constexpr (kRule == TestRule::kGelu) return ActRule<Activation::kGelu, T, acc_type<T>>{MaskedScale<T>::for_p(0.3)};
   if constexpr (kRule == TestRule::kGeluGrad) {
-    return ActGradRule<Activation::kGelu, T, acc_type<T>>{OutputRule<T>::for_p(0.3)};
+    return ActGradRule<Activation::kGelu, T, acc_type<T>>{MaskedScale<T>::for_p(0.3)};
   }
 }
 
 // The row-major kernel, or with row_size > 0 the row-shared kernel (mask index = index / row_size).
-template <typename T, bool kAligned, bool kPair, bool kBias, TestRule kRule = TestRule::kDropout>
+template <typename T, bool kAligned, bool kTwoOperands, bool kBias, TestRule kRule = TestRule::kDropout>
 bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt19937& gen, int64_t row_size = 0) {
   std::normal_distribution<float> normal;
   const auto fresh = [&](size_t n) {
@@ -82,16 +83,18 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   T* out = aligned(out_buffer.data());
   const auto rule = test_rule<T, kRule>();
   const HostState state{0x9E3779B97F4A7C15ull, (uint64_t{1} << 32) - 3};  // the counter carries mid-call
-  const Operands<T> ops{x, kPair ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
+  const Operands<T> ops{x, kTwoOperands ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
 
   constexpr int64_t kStep = step_elems<T>();
-  const int64_t blocks = std::max<int64_t>(1, ((numel + kStep - 1) / kStep + kThreads - 1) / kThreads);
+  // Both kernels take a step per thread, as the plan for row-major operands sizes the grid.
+  const LaunchPlan plan = plan_launch(numel, kStep, /*row_major=*/true, kBias, 1, &numel, {});
+  const int64_t blocks = std::max<int64_t>(1, (plan.work_items + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
       if (row_size > 0) {
-        row_shared_kernel<T, kAligned, kPair, kBias>(ops, row_size, state, rule);
+        row_shared_kernel<T, kAligned, kTwoOperands, kBias>(ops, row_size, state, rule);
       } else {
-        contiguous_kernel<T, kAligned, kPair, kBias>(ops, state, rule);
+        contiguous_kernel<T, kAligned, kTwoOperands, kBias>(ops, state, rule);
       }
     }
   }
@@ -99,7 +102,7 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
     const int64_t mask_index = row_size > 0 ? i / row_size : i;
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
     const T v = kBias ? plus_bias(x[i], bias[i % last_size]) : x[i];
-    if constexpr (kPair) {
+    if constexpr (kTwoOperands) {
       want[misalign + i] = rule.combine(r[i], v, word);
     } else {
       want[misalign + i] = rule(v, word);
@@ -110,7 +113,7 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
       "differs: %zu-byte type, numel %lld, last dim %lld, row %lld, offset %d elements, aligned=%d pair=%d bias=%d "
       "rule=%d\n",
       sizeof(T), static_cast<long long>(numel), static_cast<long long>(last_size), static_cast<long long>(row_size),
-      misalign, kAligned, kPair, kBias, static_cast<int>(kRule));
+      misalign, kAligned, kTwoOperands, kBias, static_cast<int>(kRule));
   return false;
 }
 
@@ -179,7 +182,7 @@ int dropped_rows_read(std::mt19937& gen) {
     in[i] = T(normal(gen));
     res[i] = T(normal(gen));
   }
-  const auto rule = OutputRule<T>::for_p(0.5);
+  const auto rule = MaskedScale<T>::for_p(0.5);
   const HostState state{12345, 678};
   int dropped = 0;
   for (int64_t row = 0; row < rows; ++row) {
@@ -233,7 +236,7 @@ std::vector<int64_t> permuted(const std::vector<int64_t>& strides, const std::ve
   return out;
 }
 
-// The mask layout of ops.cpp: row-major strides of the mask shape, 0 along shared dims.
+// The mask layout of checks.cpp (mask_layout): row-major strides of the mask shape, 0 along shared dims.
 std::vector<int64_t> mask_strides(const std::vector<int64_t>& sizes, const std::vector<int64_t>& shared) {
   std::vector<int64_t> strides(sizes.size());
   int64_t step = 1;
@@ -251,11 +254,11 @@ int64_t span(const std::vector<int64_t>& sizes, const std::vector<int64_t>& stri
   return last + 1;
 }
 
-int row_shared_launches = 0;  // launches of strided cases that dropout_cuda.cu sends to the row-shared kernel
+int row_shared_launches = 0;  // launches of strided cases that the plan sends to the row-shared kernel
 
-template <typename T, bool kPair, TestRule kRule = TestRule::kDropout>
+template <typename T, bool kTwoOperands, TestRule kRule = TestRule::kDropout>
 bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
-  constexpr bool kBias = kPair || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
+  constexpr bool kBias = kTwoOperands || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
   const std::vector<int64_t> res_strides = c.res.empty() ? row_major(c.sizes) : c.res;
   const std::vector<int64_t> mask = mask_strides(c.sizes, c.shared_dims);
   const int64_t numel = std::accumulate(c.sizes.begin(), c.sizes.end(), int64_t{1}, std::multiplies<>());
@@ -270,30 +273,25 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   std::vector<T> out(span(c.sizes, c.out), T(7.0f)), want(out);
   const auto rule = test_rule<T, kRule>();
   const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
-  const Operands<T> ops{in.data(),     kPair ? res.data() : nullptr, kBias ? bias.data() : nullptr, out.data(), numel,
-                        c.sizes.back()};
-  // As dropout_cuda.cu launches it: in the output's memory order unless a bias needs the
-  // logical index, with 32- or 64-bit index math.
+  const Operands<T> ops{
+      in.data(), kTwoOperands ? res.data() : nullptr, kBias ? bias.data() : nullptr, out.data(), numel, c.sizes.back()};
+  // The launch cuda/launch.cuh makes: its plan (cuda/launch_plan.h) picks the kernel, the walk
+  // and the grid. wide_index forces the 64-bit index math a small case would not get.
   const std::array<const int64_t*, kOperands> strides = {c.in.data(), c.out.data(), mask.data(), res_strides.data()};
   const int64_t ndim = static_cast<int64_t>(c.sizes.size());
-  const MergedLayout layout = kBias ? merge_dims(ndim, c.sizes.data(), strides)
-                                    : merge_dims_in_memory_order(ndim, c.sizes.data(), strides, kOut);
-  // dropout_cuda.cu's choice: the row-shared kernel where the merged walk is dense rows of at
-  // least one step with one mask value each, else the strided kernel.
-  constexpr int64_t kStep = step_elems<T>();
-  const int64_t row_size = shared_row_size(layout);
-  const bool row_shared = row_size >= kStep;
+  const LaunchPlan plan =
+      plan_launch(numel, step_elems<T>(), /*row_major=*/false, kBias, ndim, c.sizes.data(), strides);
+  const bool row_shared = plan.kernel == LaunchPlan::Kernel::kRowShared;
   row_shared_launches += row_shared;
-  const int64_t blocks =
-      std::max<int64_t>(1, ((row_shared ? (numel + kStep - 1) / kStep : (numel + 3) / 4) + kThreads - 1) / kThreads);
+  const int64_t blocks = std::max<int64_t>(1, (plan.work_items + kThreads - 1) / kThreads);
   for (blockIdx.x = 0; blockIdx.x < blocks; ++blockIdx.x) {
     for (threadIdx.x = 0; threadIdx.x < kThreads; ++threadIdx.x) {
       if (row_shared) {
-        row_shared_kernel<T, /*kAligned=*/false, kPair, kBias>(ops, row_size, state, rule);
-      } else if (c.wide_index) {
-        strided_kernel<T, kPair, uint64_t>(ops, layout, state, rule);
+        row_shared_kernel<T, /*kAligned=*/false, kTwoOperands, kBias>(ops, plan.row_size, state, rule);
+      } else if (c.wide_index || !plan.index32) {
+        strided_kernel<T, kTwoOperands, uint64_t>(ops, plan.layout, state, rule);
       } else {
-        strided_kernel<T, kPair, uint32_t>(ops, layout, state, rule);
+        strided_kernel<T, kTwoOperands, uint32_t>(ops, plan.layout, state, rule);
       }
     }
   }
@@ -311,7 +309,7 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
     }
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
     const T v = kBias ? plus_bias(in[in_offset], bias[column]) : in[in_offset];
-    if constexpr (kPair) {
+    if constexpr (kTwoOperands) {
       want[out_offset] = rule.combine(res[res_offset], v, word);
     } else {
       want[out_offset] = rule(v, word);
@@ -319,7 +317,7 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   }
   if (std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0) return true;
   std::printf("differs: strided kernel, %zu-byte type, %s, add=%d rule=%d (merged into %lld dims)\n", sizeof(T),
-              c.name.c_str(), kPair, static_cast<int>(kRule), static_cast<long long>(layout.ndim));
+              c.name.c_str(), kTwoOperands, static_cast<int>(kRule), static_cast<long long>(plan.layout.ndim));
   return false;
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# act_dropout's activations (in forms.h's Activation order) and torch's own function for each.
+# act_dropout's activations (in rules.h's Activation order) and torch's own function for each.
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "squared_relu"]
 TORCH_ACTIVATIONS = {
     "relu": F.relu,

@@ -1,11 +1,11 @@
-// The activation rules of csrc/forms.h (forward and backward) as plain C functions, so that
+// The activation rules of csrc/rules.h (forward and backward) as plain C functions, so that
 // tests/test_rules.py can compare every rule with torch's own activation and derivative on the
 // CPU. On the CPU, gelu, gelu_tanh and silu run through ATen and the CUDA kernels through
 // these rules: without this check a CUDA-only rule would be tested only against itself.
 // Built as a shared library by the test and called through ctypes.
 #include <cstdint>
 
-#include "forms.h"
+#include "rules.h"
 
 namespace {
 

@@ -38,7 +38,7 @@ def test_cuda_kernel_source_follows_the_rule(tmp_path):
     for kernel in ("row-major kernel", "row-shared kernel", "strided kernel"):
         assert any(line.startswith(kernel) for line in reports), run.stdout
     assert all(": 0 of " in line for line in reports), run.stdout
-    # dropout_cuda.cu's choice of kernel for a shared mask was taken as it is on a GPU, and
+    # the launch plan's choice of kernel for a shared mask was taken as it is on a GPU, and
     # some strided cases went to the row-shared kernel.
     strided = [line for line in reports if line.startswith("strided kernel")]
     assert all(int(line.split("(")[1].split()[0]) > 0 for line in strided), run.stdout

@@ -1,4 +1,4 @@
-"""Every output rule against an independent reference: the rules of csrc/forms.h against
+"""Every output rule against an independent reference: the rules of csrc/rules.h against
 torch's own activations and derivatives on the CPU, every form bit for bit against the NumPy
 mask and float64 math over a sweep of p, special values (NaN, infinities, signed zeros,
 subnormals) through every form, and every vmap randomness mode for every op."""
@@ -48,7 +48,7 @@ def assert_close_with_specials(actual, expected, ulps, scale=None):
     assert ((actual[finite] - expected[finite]).abs() <= tolerance).all(), "values differ by more than the ulps"
 
 
-# The rules of forms.h, on the CPU, against torch.
+# The rules of rules.h, on the CPU, against torch.
 
 
 @pytest.fixture(scope="module")

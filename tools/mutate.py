@@ -60,38 +60,38 @@ MUTANTS = [
         "static_cast<uint32_t>(counter >> 31)",
         "the counter's high word taken from the wrong bits",
     ),
-    # The forms (csrc/forms.h).
+    # The forms (csrc/rules.h).
     Mutant(
         "alpha-dropped-constant",
-        "csrc/forms.h",
+        "csrc/rules.h",
         "static_cast<scalar_t>(a * kAlpha * (p_drop - 1.0))",
         "static_cast<scalar_t>(a * kAlpha * p_drop - a * kAlpha)",
         "alpha dropout's dropped value written a*alpha*p - a*alpha (1 ulp off in float64)",
     ),
     Mutant(
         "relu-nan",
-        "csrc/forms.h",
+        "csrc/rules.h",
         "return x < acc_t(0) ? acc_t(0) : x;",
         "return x > acc_t(0) ? x : acc_t(0);",
         "ReLU turns NaN (and -0.0) into +0.0",
     ),
     Mutant(
         "silu-backward-term",
-        "csrc/forms.h",
+        "csrc/rules.h",
         "dy * sigmoid * (acc_t(1) + x * (acc_t(1) - sigmoid))",
         "dy * sigmoid * (acc_t(1) + x)",
         "SiLU's derivative without its (1 - sigmoid) factor",
     ),
     Mutant(
         "gelu-tanh-kappa",
-        "csrc/forms.h",
+        "csrc/rules.h",
         "constexpr acc_t kKappa = acc_t(0.044715);\n    const acc_t inner",
         "constexpr acc_t kKappa = acc_t(0.04475);\n    const acc_t inner",
         "tanh GELU's cubic coefficient mistyped in the forward",
     ),
     Mutant(
         "act-grad-skips-dropped-reads",
-        "csrc/forms.h",
+        "csrc/rules.h",
         "  static constexpr bool kDroppedReadsInput = true;",
         "  static constexpr bool kDroppedReadsInput = false;",
         "act_dropout's backward claims a dropped element ignores its input (0 * inf is NaN)",
@@ -99,14 +99,14 @@ MUTANTS = [
     # The walk.
     Mutant(
         "shared-innermost-stride",
-        "csrc/ops.cpp",
+        "csrc/checks.cpp",
         "layout.strides[d] = is_shared[d] ? 0 : layout.numel;",
         "layout.strides[d] = is_shared[d] && d + 1 < ndim ? 0 : (is_shared[d] ? 1 : layout.numel);",
         "a shared innermost dim given stride 1 (stripes instead of one value)",
     ),
     Mutant(
         "cpu-skip-ignores-rule",
-        "csrc/cpu/dropout_cpu.cpp",
+        "csrc/cpu/walk.h",
         "if (!Rule::kDroppedReadsInput && mask_step == 0 && !rule.keeps(run_words[0])) {",
         "if (mask_step == 0 && !rule.keeps(run_words[0])) {",
         "the CPU's dropped-run skip ignores kDroppedReadsInput",
@@ -116,7 +116,7 @@ MUTANTS = [
     # change cannot alter a result.)
     Mutant(
         "gather-ignores-stride",
-        "csrc/cpu/dropout_cpu.cpp",
+        "csrc/cpu/walk.h",
         "for (int64_t i = 0; i < count; ++i) x_run[i] = x[i * x_step];",
         "for (int64_t i = 0; i < count; ++i) x_run[i] = x[i];",
         "the CPU's strided gather reads consecutive elements",
@@ -131,9 +131,9 @@ MUTANTS = [
     ),
     Mutant(
         "alpha-backward-scale",
-        "csrc/autograd.cpp",
-        "return random_op_autograd(op, a, input, p,",
-        "return random_op_autograd(op, std::nullopt, input, p,",
+        "csrc/ops/alpha_dropout/alpha_dropout.cpp",
+        "record_replay(output, rng_state, p, shared_dims, a, false, input);",
+        "record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input);",
         "alpha dropout's gradient scaled by 1/(1-p) instead of its a",
     ),
     Mutant(

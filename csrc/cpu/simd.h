@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "../philox.h"
+#include "philox.h"
 
 namespace fused_dropout {
 

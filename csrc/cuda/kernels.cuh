@@ -1,7 +1,7 @@
 // The CUDA kernels of the dropout family: row-major operands, row-major operands with a mask
 // shared along the trailing dims, and any other layout. Each is
-// templated on the output rule (philox.h, forms.h): plain dropout, alpha dropout or
-// activation + dropout, and with kPair a second input operand, combined by the rule:
+// templated on the output rule (philox.h, rules.h): plain dropout, alpha dropout or
+// activation + dropout, and with kTwoOperands a second input operand, combined by the rule:
 // dropout_add's residual + rule(x + bias), act_dropout_backward's act'(x + bias) * dropout(grad). They
 // are plain C++ apart from the CUDA keywords and the launch indices, so that
 // tests/cuda_kernel_on_host.cpp can run this very source on the CPU, one (block, thread) at a
@@ -12,9 +12,9 @@
 
 #include <cstdint>
 
-#include "../forms.h"
-#include "../layout.h"
-#include "../philox.h"
+#include "layout.h"
+#include "philox.h"
+#include "rules.h"
 
 namespace fused_dropout {
 
@@ -32,12 +32,12 @@ struct alignas(sizeof(scalar_t) * N) Vec {
   scalar_t v[N];
 };
 
-// The operands of one call: out = rule(in + bias), or with kPair rule.combine(res, in + bias);
+// The operands of one call: out = rule(in + bias), or with kTwoOperands rule.combine(res, in + bias);
 // the bias (optional) runs along the last dim.
 template <typename scalar_t>
 struct Operands {
   const scalar_t* in;
-  const scalar_t* res;   // kPair only: dropout_add's residual, act_dropout_backward's gradient
+  const scalar_t* res;   // kTwoOperands only: dropout_add's residual, act_dropout_backward's gradient
   const scalar_t* bias;  // may be null
   scalar_t* out;
   int64_t numel;
@@ -56,14 +56,14 @@ __device__ __forceinline__ void add_bias(Vec<scalar_t, N>& x, const Operands<sca
   }
 }
 
-// The rule over one step: y[j] = rule(x[j], word_of(j)), or with kPair rule.combine(r[j], x[j], word_of(j)).
-template <bool kPair, typename scalar_t, int N, typename Rule, typename WordOf>
+// The rule over one step: y[j] = rule(x[j], word_of(j)), or with kTwoOperands rule.combine(r[j], x[j], word_of(j)).
+template <bool kTwoOperands, typename scalar_t, int N, typename Rule, typename WordOf>
 __device__ __forceinline__ Vec<scalar_t, N> apply_rule(const Vec<scalar_t, N>& x, const Vec<scalar_t, N>& r,
                                                        const Rule& rule, WordOf word_of) {
   Vec<scalar_t, N> y;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    if constexpr (kPair) {
+    if constexpr (kTwoOperands) {
       y.v[j] = rule.combine(r.v[j], x.v[j], word_of(j));
     } else {
       y.v[j] = rule(x.v[j], word_of(j));
@@ -77,7 +77,7 @@ __device__ __forceinline__ Vec<scalar_t, N> apply_rule(const Vec<scalar_t, N>& x
 // or two 16-byte loads and stores per operand; otherwise it is the tensor's last, partial step.
 // kBias is a template argument rather than a test of ops.bias: a branch between the loads and
 // their use made the compiler unpack the loaded registers at once, before the Philox rounds.
-template <typename scalar_t, bool kAligned, bool kPair, bool kBias, bool kFull, typename Rule>
+template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, bool kFull, typename Rule>
 __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, uint64_t seed, uint64_t base,
                                                 const Rule& rule, int64_t first) {
   constexpr int kStep = step_elems<scalar_t>();
@@ -86,12 +86,12 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
   V x, r;
   if constexpr (kAligned && kFull) {
     x = *reinterpret_cast<const V*>(ops.in + first);
-    if (kPair) r = *reinterpret_cast<const V*>(ops.res + first);
+    if (kTwoOperands) r = *reinterpret_cast<const V*>(ops.res + first);
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
       x.v[j] = kFull || first + j < numel ? ops.in[first + j] : scalar_t(0);
-      if (kPair) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : scalar_t(0);
+      if (kTwoOperands) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : scalar_t(0);
     }
   }
   PhiloxWords w[kStep / 4];
@@ -100,7 +100,7 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
   // The loaded values are first touched here, after the Philox rounds, which run while the
   // loads are in flight.
   if constexpr (kBias) add_bias(x, ops, first);
-  const V y = apply_rule<kPair>(x, r, rule, [&](int k) { return w[k / 4].w[k % 4]; });
+  const V y = apply_rule<kTwoOperands>(x, r, rule, [&](int k) { return w[k / 4].w[k % 4]; });
   if constexpr (kAligned && kFull) {
     *reinterpret_cast<V*>(ops.out + first) = y;
   } else {
@@ -115,16 +115,16 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 // step. Straight-line code lets ptxas issue a 2-byte type's 16-byte load before the Philox
 // rounds, which then run while the load is in flight (benchmarks/NOTES.md has the SASS
 // reading that motivated it).
-template <typename scalar_t, bool kAligned, bool kPair, bool kBias, typename Rule, typename StateSource>
+template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src, Rule rule) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kStep;
   if (first + kStep <= ops.numel) {
-    contiguous_step<scalar_t, kAligned, kPair, kBias, /*kFull=*/true>(ops, seed, base, rule, first);
+    contiguous_step<scalar_t, kAligned, kTwoOperands, kBias, /*kFull=*/true>(ops, seed, base, rule, first);
   } else if (first < ops.numel) {
-    contiguous_step<scalar_t, kAligned, kPair, kBias, /*kFull=*/false>(ops, seed, base, rule, first);
+    contiguous_step<scalar_t, kAligned, kTwoOperands, kBias, /*kFull=*/false>(ops, seed, base, rule, first);
   }
 }
 
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t>
 // long (the caller checks), so a step meets at most two rows and needs at most two Philox
 // calls. Where every element of the step is dropped and the rule's dropped value does not
 // depend on the input, the input is not read: a dropped sample costs no read of its branch.
-template <typename scalar_t, bool kAligned, bool kPair, bool kBias, typename Rule, typename StateSource>
+template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads)
     row_shared_kernel(Operands<scalar_t> ops, int64_t row_size, StateSource src, Rule rule) {
   constexpr int kStep = step_elems<scalar_t>();
@@ -153,16 +153,16 @@ __global__ void __launch_bounds__(kThreads)
   V x, r;
   if (kAligned && count == kStep) {
     x = reads_input ? *reinterpret_cast<const V*>(ops.in + first) : V{};
-    if (kPair) r = *reinterpret_cast<const V*>(ops.res + first);
+    if (kTwoOperands) r = *reinterpret_cast<const V*>(ops.res + first);
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
       x.v[j] = reads_input && j < count ? ops.in[first + j] : scalar_t(0);
-      if (kPair) r.v[j] = j < count ? ops.res[first + j] : scalar_t(0);
+      if (kTwoOperands) r.v[j] = j < count ? ops.res[first + j] : scalar_t(0);
     }
   }
   if constexpr (kBias) add_bias(x, ops, first);
-  const V y = apply_rule<kPair>(x, r, rule, [&](int j) { return j < next_row_at ? word0 : word1; });
+  const V y = apply_rule<kTwoOperands>(x, r, rule, [&](int j) { return j < next_row_at ? word0 : word1; });
   if (kAligned && count == kStep) {
     *reinterpret_cast<V*>(ops.out + first) = y;
   } else {
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
 // The operands' offsets of walk index `linear` of the merged layout, one division per dim, in
 // index_t (32-bit division where the walk fits it: far cheaper than 64-bit on a GPU).
 // Returns the index along the innermost dim.
-template <typename index_t, bool kPair>
+template <typename index_t, bool kTwoOperands>
 __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t linear, int64_t (&offset)[kOperands]) {
   index_t rest = static_cast<index_t>(linear);
   int64_t inner_index = 0;
@@ -189,7 +189,7 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
     if (d == layout.ndim - 1) inner_index = static_cast<int64_t>(index);
 #pragma unroll
     for (int k = 0; k < kOperands; ++k) {
-      if (kPair || k != kRes) offset[k] += static_cast<int64_t>(index) * layout.strides[k][d];
+      if (kTwoOperands || k != kRes) offset[k] += static_cast<int64_t>(index) * layout.strides[k][d];
     }
   }
   return inner_index;
@@ -201,7 +201,7 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
 // Philox group it computed last (a shared mask value, or the next words). The walk is in the
 // output's memory order where the caller needs no logical index (no bias), else in logical
 // order, where the bias column is the logical index modulo the last dim's size.
-template <typename scalar_t, bool kPair, typename index_t, typename Rule, typename StateSource>
+template <typename scalar_t, bool kTwoOperands, typename index_t, typename Rule, typename StateSource>
 __global__ void __launch_bounds__(kThreads)
     strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, Rule rule) {
   uint64_t seed, base;
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;
   if (first >= ops.numel) return;
   int64_t offset[kOperands];
-  int64_t inner_index = locate<index_t, kPair>(layout, first, offset);
+  int64_t inner_index = locate<index_t, kTwoOperands>(layout, first, offset);
   CachedGroup cache;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads)
     if (linear >= ops.numel) break;
     if (j > 0) {
       if (++inner_index == layout.inner()) {
-        inner_index = locate<index_t, kPair>(layout, linear, offset);
+        inner_index = locate<index_t, kTwoOperands>(layout, linear, offset);
       } else {
 #pragma unroll
         for (int k = 0; k < kOperands; ++k) offset[k] += layout.inner_stride(k);
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
     // A dropped element whose output does not depend on its input is not read.
     scalar_t x = Rule::kDroppedReadsInput || rule.keeps(word) ? ops.in[offset[kIn]] : scalar_t(0);
     if (ops.bias != nullptr) x = plus_bias(x, ops.bias[linear % ops.last_size]);
-    if constexpr (kPair) {
+    if constexpr (kTwoOperands) {
       ops.out[offset[kOut]] = rule.combine(ops.res[offset[kRes]], x, word);
     } else {
       ops.out[offset[kOut]] = rule(x, word);

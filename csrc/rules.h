@@ -1,12 +1,16 @@
-// The output rules of the dropout family beyond plain dropout (docs/design.md, "The family"): alpha dropout and
-// activation + dropout. Each keeps an element iff the mask rule of philox.h keeps it, and
-// maps the element with its own affine or activation step. Free of ATen, like philox.h, so
-// the CPU and CUDA kernels and the CUDA kernels' host test share them.
+// The output rules beyond plain dropout's (philox.h, MaskedScale): a rule is the function of
+// one element (and its random word) that a kernel applies; each form of the family (docs/
+// design.md, "The family") is one or two rules. Alpha dropout and activation + dropout keep an
+// element iff the mask rule of philox.h keeps it, and map it with their own affine or
+// activation step. Free of ATen, like philox.h, so the CPU and CUDA kernels and the CUDA
+// kernels' host test share them.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 
 #include "philox.h"
 
@@ -186,5 +190,44 @@ struct ActGradRule {
     return activation_backward<kAct, scalar_t, acc_t>(mask(grad, word), pre);
   }
 };
+
+// Which one-operand rule a kernel applies: plain dropout's, alpha dropout's, or activation +
+// dropout's (the run-time choice the kernels' launch turns into a rule type).
+struct RuleSpec {
+  enum class Kind { kDropout, kAlpha, kAct };
+  Kind kind = Kind::kDropout;
+  Activation activation = Activation::kReLU;
+  std::optional<double> scale;  // kDropout only: replaces 1 / (1 - p), as alpha dropout's backward needs
+};
+
+// Calls f(rule) with the output rule of `spec` for scalar_t and drop probability p.
+template <typename scalar_t, typename F>
+void visit_rule(const RuleSpec& spec, double p, F&& f) {
+  using acc_t = acc_type<scalar_t>;
+  auto mask = MaskedScale<scalar_t>::for_p(p);
+  switch (spec.kind) {
+    case RuleSpec::Kind::kDropout:
+      if (spec.scale.has_value()) mask.scale = static_cast<acc_t>(*spec.scale);
+      return f(mask);
+    case RuleSpec::Kind::kAlpha:
+      return f(AlphaRule<scalar_t, acc_t>::for_p(p));
+    case RuleSpec::Kind::kAct:
+      return visit_activation(spec.activation, [&](auto act) { f(ActRule<act(), scalar_t, acc_t>{mask}); });
+  }
+}
+
+// Calls f(rule) with act_dropout_backward's two-operand rule (rules.h, ActGradRule).
+template <typename scalar_t, typename F>
+void visit_act_grad_rule(Activation activation, double p, F&& f) {
+  using acc_t = acc_type<scalar_t>;
+  visit_activation(activation,
+                   [&](auto act) { f(ActGradRule<act(), scalar_t, acc_t>{MaskedScale<scalar_t, acc_t>::for_p(p)}); });
+}
+
+// True for the rules that take a bias (added to the input, rounded, before the rule).
+template <typename Rule>
+constexpr bool kRuleTakesBias = false;
+template <Activation kAct, typename scalar_t, typename acc_t>
+constexpr bool kRuleTakesBias<ActRule<kAct, scalar_t, acc_t>> = true;
 
 }  // namespace fused_dropout

@@ -1,0 +1,16 @@
+#include "cuda/launch.cuh"
+
+#include <ATen/Dispatch.h>
+
+namespace fused_dropout {
+
+void dispatch_launch(const at::Tensor& input, const at::Tensor& bias, at::Tensor& output, const MaskLayout& mask,
+                     const StateSource& src, double p, const RuleSpec& spec) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout", [&] {
+    visit_rule<scalar_t>(spec, p, [&](const auto& rule) {
+      launch<scalar_t, false>(input, at::Tensor(), bias, output, mask, src, rule);
+    });
+  });
+}
+
+}  // namespace fused_dropout
