@@ -72,10 +72,19 @@ def parse_args(argv=None):
         help="timed runs per measurement, of which the median (default: 50 on CUDA, 11 on the CPU; with --quick 5)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd F.dropout")
+    parser.add_argument("--no-flat", action="store_true", help="skip plain dropout of flat tensors")
     parser.add_argument("--no-mlp", action="store_true", help="skip the deep-MLP memory measurement")
     parser.add_argument("--no-add", action="store_true", help="skip the dropout_add comparison")
     parser.add_argument("--no-layouts", action="store_true", help="skip channels_last and dropout2d")
     parser.add_argument("--no-family", action="store_true", help="skip act_dropout, drop_path_add, alpha_dropout")
+    parser.add_argument("--no-norm", action="store_true", help="skip dropout_add_layer_norm and dropout_add_rms_norm")
+    parser.add_argument(
+        "--norm-widths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="hidden sizes of the norm rows (default: 768 4096; with --quick 768)",
+    )
     parser.add_argument("--quick", action="store_true", help="few sizes and runs: a smoke test")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="runs/bench_dropout", help="output folder")
@@ -298,6 +307,40 @@ def time_form(form, variants, passes, timer, nexts, grad, copy_time, dtype):
     return list(rows.values())
 
 
+def measure_norm(numel, dtype, device, p, timer, compile_too, cache_bytes, width):
+    """h = residual + dropout(x), then LayerNorm / RMSNorm of h over rows of `width`: the
+    eager composition, the same compiled and the fused op, forward and forward+backward (the
+    gradient of x). Counted bytes are the memory floor of a fused pass: forward reads x and the
+    residual and writes the output and h; backward reads the output's gradient and h and writes
+    the gradients of x and of the residual (four passes each way)."""
+    shape = (max(1, numel // width), width)
+    flat = rotation(shape[0] * width, dtype, device, cache_bytes)
+    inputs = [t.view(shape) for t in flat]
+    leaves = [t.clone().requires_grad_(True) for t in inputs[:2]]
+    weight, bias = torch.randn(width, device=device, dtype=dtype), torch.randn(width, device=device, dtype=dtype)
+    next_x, next_residual, next_leaf = cycle(inputs), cycle(inputs[1:] + inputs[:1]), cycle(leaves)
+    grad = torch.randn_like(inputs[0])
+    copy_time = timer(lambda: next_x().clone())  # 2n elements moved
+    forms = {
+        f"add+layer_norm {width}": (
+            lambda x, r: F.layer_norm(r + F.dropout(x, p, training=True), (width,), weight, bias),
+            lambda x, r: fused_dropout.dropout_add_layer_norm(x, r, weight, bias, p),
+        ),
+        f"add+rms_norm {width}": (
+            lambda x, r: F.rms_norm(r + F.dropout(x, p, training=True), (width,), weight),
+            lambda x, r: fused_dropout.dropout_add_rms_norm(x, r, weight, p),
+        ),
+    }
+    results = []
+    for form, (eager, fused) in forms.items():
+        variants = {"eager": eager, "fused_dropout": fused}
+        if compile_too:
+            variants["compiled"] = torch.compile(eager, dynamic=False)
+        nexts = (next_x, next_residual, next_leaf)
+        results += time_form(form, variants, (4, 4), timer, nexts, grad, copy_time, dtype)
+    return results
+
+
 def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
     """Forward on (N, 64, 32, 32) images: dropout of a channels_last tensor (the strided
     kernel: the mask follows the logical index, not memory order) and channel-wise dropout2d
@@ -479,21 +522,24 @@ def measure_all(args, device, sizes, dtypes, timer):
             if cuda and numel * torch.tensor([], dtype=dtype).element_size() * 24 > free:
                 say(f"  skipping {dtype_name} 2^{numel.bit_length() - 1}: not enough GPU memory", flush=True)
                 continue
-            rows = measure_size(numel, dtype, device, args.p, timer, variants, cache_bytes)
+            rows = [] if args.no_flat else measure_size(numel, dtype, device, args.p, timer, variants, cache_bytes)
             if not args.no_add:
                 rows += measure_dropout_add(numel, dtype, device, args.p, timer, not args.no_compile, cache_bytes)
             if not args.no_layouts:
                 rows += measure_layouts(numel, dtype, device, args.p, timer, cache_bytes)
             if not args.no_family:
                 rows += measure_family(numel, dtype, device, args.p, timer, not args.no_compile, cache_bytes)
+            if not args.no_norm:
+                for width in args.norm_widths or ((768,) if args.quick else (768, 4096)):
+                    rows += measure_norm(numel, dtype, device, args.p, timer, not args.no_compile, cache_bytes, width)
             results += rows
-            ours = [r for r in rows if r["variant"] == "fused_dropout" and r["direction"] == "forward"][0]
-            flag = " (noisy)" if ours.get("speedup_vs_F.dropout_noisy") else ""
-            say(
-                f"  {dtype_name} {fmt_size(numel)}: forward {ours['ms']:.3f} ms, {ours['pct_of_copy']:.0f}% of copy, "
-                f"{ours.get('speedup_vs_F.dropout', 0):.2f}x F.dropout{flag}",
-                flush=True,
-            )
+            for ours in (r for r in rows if r["variant"].endswith("fused_dropout") and r["direction"] == "forward"):
+                flag = " (noisy)" if ours.get("speedup_vs_F.dropout_noisy") else ""
+                say(
+                    f"  {dtype_name} {fmt_size(numel)} {ours['variant']}: forward {ours['ms']:.3f} ms, "
+                    f"{ours['pct_of_copy']:.0f}% of copy, {ours.get('speedup_vs_F.dropout', 0):.2f}x eager{flag}",
+                    flush=True,
+                )
             if bar is not None:
                 bar.update()
             if cuda:

@@ -45,12 +45,27 @@ class DecoderBlock(nn.Module):
             return fused_dropout.dropout_add(branch, x, self.p, self.training)
         return x + drop(branch)
 
+    def attention(self, normed):
+        b, t, d = normed.shape
+        q, k, v = self.qkv(normed).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+
+    def mlp(self, normed):
+        return self.out(F.gelu(self.fc(normed), approximate="tanh"))
+
     def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = self.residual(self.proj(attn), x, self.attn_drop)
-        return self.residual(self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh")), x, self.mlp_drop)
+        x = self.residual(self.attention(self.ln1(x)), x, self.attn_drop)
+        return self.residual(self.mlp(self.ln2(x)), x, self.mlp_drop)
+
+    def fused_norm_forward(self, normed, h, next_norm):
+        """(next_norm(h'), h') for the block whose input h has been normed by ln1 already: each
+        branch's dropout, residual add and the following LayerNorm are one fused pass."""
+        normed, h = fused_dropout.dropout_add_layer_norm(
+            self.attention(normed), h, self.ln2.weight, self.ln2.bias, self.p, self.training, prenorm=True
+        )
+        return fused_dropout.dropout_add_layer_norm(
+            self.mlp(normed), h, next_norm.weight, next_norm.bias, self.p, self.training, prenorm=True
+        )
 
 
 class GPT(nn.Module):
@@ -58,12 +73,21 @@ class GPT(nn.Module):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
         self.drop = nn.Dropout(p)
-        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, p, fused) for _ in range(layers))
+        self.fused = fused
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, p, bool(fused)) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, idx):
         x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
+        if self.fused == "norm":
+            # Each block's attention branch + residual + ln2, and its MLP branch + residual +
+            # the next block's ln1 (the last block's: the final ln), one fused pass each.
+            normed = self.blocks[0].ln1(x)
+            norms = [block.ln1 for block in self.blocks[1:]] + [self.ln]
+            for block, next_norm in zip(self.blocks, norms):
+                normed, x = block.fused_norm_forward(normed, x, next_norm)
+            return self.head(normed)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
@@ -72,7 +96,18 @@ class GPT(nn.Module):
 # The models model_specs builds (--quick: the first two). The last two are the client
 # libraries' own: timm's ViT with drop path, and transformers' GPT-2 with eager attention,
 # whose attention dropout is a functional call (replace_dropout(..., functional=True)).
-MODEL_NAMES = ["gpt2", "vit_b_16", "convnext_tiny", "swin_t", "efficientnet_b0", "vgg11", "timm_vit_small", "hf_gpt2"]
+MODEL_NAMES = [
+    "gpt2",
+    "vit_b_16",
+    "convnext_tiny",
+    "swin_t",
+    "efficientnet_b0",
+    "vgg11",
+    "gpt2_norm",
+    "vit_b_16_norm",
+    "timm_vit_small",
+    "hf_gpt2",
+]
 
 
 class LogitsOf(nn.Module):
@@ -136,6 +171,19 @@ def model_specs(device, quick):
             ("swin_t", lambda fused: tv.swin_t(weights=None), images()),
             ("efficientnet_b0", lambda fused: tv.efficientnet_b0(weights=None), images()),
             ("vgg11", lambda fused: tv.vgg11(weights=None), images()),
+        ]
+        # The same two with dropout + residual + LayerNorm fused (dropout_add_layer_norm).
+        specs += [
+            (
+                "gpt2_norm",
+                lambda fused: GPT(gpt["layers"], gpt["dim"], gpt["heads"], fused="norm" if fused else False),
+                tokens(),
+            ),
+            (
+                "vit_b_16_norm",
+                lambda fused: fused_dropout.replace_dropout(vit(fused), fuse_norms=True) if fused else vit(fused),
+                images(),
+            ),
         ]
         specs += client_library_specs(device, image, gpt, images, tokens)
     return specs
@@ -234,7 +282,7 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
     stock = build(False).to(device)
     fused = fused_dropout.replace_dropout(build(True).to(device))
     fused.load_state_dict(stock.state_dict())
-    loss_fn = lm_loss if name in ("gpt2", "hf_gpt2") else F.cross_entropy
+    loss_fn = lm_loss if name in ("gpt2", "gpt2_norm", "hf_gpt2") else F.cross_entropy
     batch = make_batch()
     variants = {}
     for mode in modes:

@@ -472,6 +472,178 @@ def drop_path_add(
     return ops.dropout_add(branch, residual, None, p, seed, offset, generator, dims)[0]
 
 
+def _opmath_eps(dtype: torch.dtype) -> float:
+    """torch's rms_norm eps when none is given: the machine epsilon of the accumulation type."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _dropout_add_norm(
+    name,
+    input,
+    residual,
+    weight,
+    bias,
+    p,
+    training,
+    eps,
+    rms,
+    prenorm,
+    residual_dtype,
+    shared_dims,
+    generator,
+    seed,
+    offset,
+):
+    p, seed, offset = _checked_call(name, input, p, seed, offset, generator)
+    _check_tensor(name, "residual", residual, optional=True)
+    _check_tensor(name, "weight", weight, optional=True)
+    _check_tensor(name, "bias", bias, optional=True)
+    if not training or p == 0:
+        # The plain norm of residual + input: every check still runs, and no random state is drawn.
+        p, seed, offset, generator = 0.0, 0, 0, None
+    output, h, _, _, _ = ops.dropout_add_norm(
+        input, residual, weight, bias, p, eps, rms, residual_dtype, seed, offset, generator, shared_dims
+    )
+    return (output, h) if prenorm else output
+
+
+def dropout_add_layer_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    p: float,
+    training: bool = True,
+    *,
+    eps: float = 1e-5,
+    prenorm: bool = False,
+    residual_dtype: Optional[torch.dtype] = None,
+    shared_dims: Union[int, Sequence[int]] = (),
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+):
+    """``layer_norm(residual + dropout(input))`` over the last dim, in one pass over each row:
+    a transformer block's branch, its skip connection and the next norm.
+
+    ``h = residual + dropout(input)`` uses the mask of :func:`dropout` with the same ``seed``,
+    ``offset`` and ``shared_dims`` (``residual=None``: ``h = dropout(input)``); the output is
+    ``F.layer_norm(h, (h.shape[-1],), weight, bias, eps)`` in the input's dtype. Backward saves
+    ``h``, a mean and an rstd per row and 16 bytes of random state: no mask.
+
+    Args:
+        input (Tensor): the branch output, any shape with at least one dim.
+        residual (Tensor, optional): the skip connection, of the input's shape.
+        weight, bias (Tensor, optional): 1-D, the size of the last dim.
+        p (float): probability of an element of ``input`` to be zeroed.
+        training (bool): apply dropout if ``True``; otherwise (or at ``p=0``) the plain
+            ``layer_norm(residual + input)``. Default: ``True``
+        eps (float): added to the variance. Default: ``1e-5``
+        prenorm (bool): also return ``h``, the next block's residual. Default: ``False``
+        residual_dtype (torch.dtype, optional): ``h``'s dtype, e.g. ``torch.float32`` for a
+            float32 residual stream beside bfloat16 activations. Default: torch's promotion
+            of the input's and the residual's dtypes.
+        shared_dims: as for :func:`dropout`; ``range(1, input.dim())`` drops whole samples of
+            the branch (drop path).
+        generator, seed, offset: as for :func:`dropout`.
+
+    Returns:
+        ``output`` (the input's dtype), or ``(output, h)`` with ``prenorm=True``.
+    """
+    if has_torch_function((input, residual, weight, bias)):
+        return handle_torch_function(
+            dropout_add_layer_norm,
+            (input, residual, weight, bias),
+            input,
+            residual,
+            weight,
+            bias,
+            p,
+            training,
+            eps=eps,
+            prenorm=prenorm,
+            residual_dtype=residual_dtype,
+            shared_dims=shared_dims,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
+    return _dropout_add_norm(
+        "dropout_add_layer_norm",
+        input,
+        residual,
+        weight,
+        bias,
+        p,
+        training,
+        eps,
+        False,
+        prenorm,
+        residual_dtype,
+        shared_dims,
+        generator,
+        seed,
+        offset,
+    )
+
+
+def dropout_add_rms_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    p: float,
+    training: bool = True,
+    *,
+    eps: Optional[float] = None,
+    prenorm: bool = False,
+    residual_dtype: Optional[torch.dtype] = None,
+    shared_dims: Union[int, Sequence[int]] = (),
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+):
+    """``rms_norm(residual + dropout(input))`` over the last dim, in one pass over each row: as
+    :func:`dropout_add_layer_norm`, with ``F.rms_norm(h, (h.shape[-1],), weight, eps)``.
+    ``eps=None`` is torch's default: the machine epsilon of the accumulation type (float32 for
+    float16, bfloat16 and float32 inputs)."""
+    if has_torch_function((input, residual, weight)):
+        return handle_torch_function(
+            dropout_add_rms_norm,
+            (input, residual, weight),
+            input,
+            residual,
+            weight,
+            p,
+            training,
+            eps=eps,
+            prenorm=prenorm,
+            residual_dtype=residual_dtype,
+            shared_dims=shared_dims,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+        )
+    if eps is None and isinstance(input, torch.Tensor):
+        eps = _opmath_eps(input.dtype)
+    return _dropout_add_norm(
+        "dropout_add_rms_norm",
+        input,
+        residual,
+        weight,
+        None,
+        p,
+        training,
+        eps,
+        True,
+        prenorm,
+        residual_dtype,
+        shared_dims,
+        generator,
+        seed,
+        offset,
+    )
+
+
 def _channel_dims(ndim: int, batched: bool) -> List[int]:
     """The dims torch's feature dropout shares one decision over (one per sample and channel):
     the spatial dims. An unbatched input's channel dim is 0, a batched one's is 1; torch refuses

@@ -287,6 +287,144 @@ class FusedDropPath(nn.Module):
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
+def _last_dim_shape(name: str, normalized_shape) -> tuple:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1:
+        raise ValueError(
+            f"{name} normalises over the last dim only: normalized_shape must be an int or a 1-tuple, got {shape}"
+        )
+    return shape
+
+
+class FusedDropoutAddLayerNorm(nn.Module):
+    """``layer_norm(residual + dropout(input))`` as one fused pass: :class:`torch.nn.LayerNorm`
+    over the last dim with the dropout and the residual add of the branch before it. The
+    parameters are LayerNorm's (``weight``, ``bias``), so a LayerNorm's ``state_dict`` loads
+    into it strictly. See :func:`fused_dropout.functional.dropout_add_layer_norm`.
+
+    Args:
+        normalized_shape, eps, elementwise_affine, bias, device, dtype: as for ``nn.LayerNorm``
+            (one normalised dim).
+        p (float): probability of an element of the branch to be zeroed. Default: 0.1
+        prenorm (bool): ``forward`` returns ``(output, h)``, h the next residual. Default: ``False``
+        residual_dtype (torch.dtype, optional): h's dtype. Default: as the inputs promote.
+
+    Shape:
+        - input, residual (optional): ``(*, normalized_shape[0])``.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        p: float = 0.1,
+        prenorm: bool = False,
+        residual_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        F._check_p(p)
+        self.normalized_shape = _last_dim_shape(type(self).__name__, normalized_shape)
+        self.eps, self.elementwise_affine, self.p, self.prenorm = eps, elementwise_affine, p, prenorm
+        self.residual_dtype = residual_dtype
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return F.dropout_add_layer_norm(
+            input,
+            residual,
+            self.weight,
+            self.bias,
+            self.p,
+            self.training,
+            eps=self.eps,
+            prenorm=self.prenorm,
+            residual_dtype=self.residual_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, p={self.p}, "
+            f"prenorm={self.prenorm}"
+        )
+
+
+class FusedDropoutAddRMSNorm(nn.Module):
+    """``rms_norm(residual + dropout(input))`` as one fused pass: :class:`torch.nn.RMSNorm` over
+    the last dim with the dropout and residual add before it; its ``weight`` is RMSNorm's, so an
+    RMSNorm's ``state_dict`` loads into it strictly. See
+    :func:`fused_dropout.functional.dropout_add_rms_norm`.
+
+    Args:
+        normalized_shape, eps, elementwise_affine, device, dtype: as for ``nn.RMSNorm``.
+        p, prenorm, residual_dtype: as for :class:`FusedDropoutAddLayerNorm`.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: Optional[float] = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        p: float = 0.1,
+        prenorm: bool = False,
+        residual_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        F._check_p(p)
+        self.normalized_shape = _last_dim_shape(type(self).__name__, normalized_shape)
+        self.eps, self.elementwise_affine, self.p, self.prenorm = eps, elementwise_affine, p, prenorm
+        self.residual_dtype = residual_dtype
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return F.dropout_add_rms_norm(
+            input,
+            residual,
+            self.weight,
+            self.p,
+            self.training,
+            eps=self.eps,
+            prenorm=self.prenorm,
+            residual_dtype=self.residual_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, p={self.p}, "
+            f"prenorm={self.prenorm}"
+        )
+
+
 def _is_timm_drop_path(module: nn.Module) -> bool:
     # By name, so that replace_dropout works without timm installed.
     cls = type(module)
@@ -391,7 +529,58 @@ def _still_dropout_like(module: nn.Module) -> bool:
     return "Drop" in name or "StochasticDepth" in name
 
 
-def replace_dropout(model: nn.Module, fuse_activations: bool = True, *, functional: bool = False) -> nn.Module:
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def _fused_norm_block_class(block_class):
+    """A subclass of torchvision's EncoderBlock whose forward is the stock one with
+    ``ln_2(input + dropout(attention))`` as one fused pass; nothing else changes."""
+
+    class FusedNormEncoderBlock(block_class):
+        def forward(self, input: torch.Tensor):
+            torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+            x = self.ln_1(input)
+            x, _ = self.self_attention(x, x, x, need_weights=False)
+            y, x = F.dropout_add_layer_norm(
+                x,
+                input,
+                self.ln_2.weight,
+                self.ln_2.bias,
+                self.dropout.p,
+                self.training,
+                eps=self.ln_2.eps,
+                prenorm=True,
+            )
+            return x + self.mlp(y)
+
+    FusedNormEncoderBlock.__name__ = FusedNormEncoderBlock.__qualname__ = "FusedNormEncoderBlock"
+    return FusedNormEncoderBlock
+
+
+def _fuse_norms(model: nn.Module) -> None:
+    """Turns every torchvision ViT EncoderBlock whose ln_2 is a LayerNorm over the last dim and
+    whose dropout is a (fused or torch) dropout module, neither hooked, into its fused subclass."""
+    try:
+        from torchvision.models.vision_transformer import EncoderBlock
+    except ImportError:
+        return
+    fused_class = None
+    for module in model.modules():
+        if type(module) is not EncoderBlock:
+            continue
+        norm, drop = module.ln_2, module.dropout
+        if not (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1):
+            continue
+        if type(drop) not in (nn.Dropout, FusedDropout) or drop.inplace or _has_hooks(norm) or _has_hooks(drop):
+            continue
+        fused_class = fused_class or _fused_norm_block_class(EncoderBlock)
+        module.__class__ = fused_class
+
+
+def replace_dropout(
+    model: nn.Module, fuse_activations: bool = True, *, functional: bool = False, fuse_norms: bool = False
+) -> nn.Module:
     """Swap every torch dropout module (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
     ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``), every ``torchvision.ops.StochasticDepth``
     and every ``timm.layers.DropPath`` in ``model`` (in place) for its fused counterpart with
@@ -413,6 +602,11 @@ def replace_dropout(model: nn.Module, fuse_activations: bool = True, *, function
     including a layer recomputed under checkpointing. ``fused_dropout.remove_functional_mode``
     undoes it; ``state_dict`` is untouched either way.
 
+    With ``fuse_norms``, each torchvision ViT ``EncoderBlock`` runs its attention branch's
+    dropout, the residual add and ``ln_2`` as one :func:`~fused_dropout.functional.dropout_add_layer_norm`
+    pass (its modules and ``state_dict`` stay as they are; a hook on ``dropout`` or ``ln_2``
+    leaves the block unfused).
+
     Afterwards one warning names every module that still drops in torch (a subclass of a
     dropout class, timm's ``DropBlock2d``, any class named like a dropout), and, without
     ``functional``, says when the model's code calls functional dropout.
@@ -421,6 +615,7 @@ def replace_dropout(model: nn.Module, fuse_activations: bool = True, *, function
         model (nn.Module): the model to change; a bare dropout module is replaced too.
         fuse_activations (bool): fuse activation + dropout pairs. Default: ``True``
         functional (bool): reach functional dropout calls too. Default: ``False``
+        fuse_norms (bool): fuse dropout + residual + LayerNorm in ViT encoder blocks. Default: ``False``
 
     Returns:
         The model (the new module when ``model`` itself was a dropout module).
@@ -452,6 +647,8 @@ def replace_dropout(model: nn.Module, fuse_activations: bool = True, *, function
             if replacement is not child:
                 setattr(parent, child_name, replacement)
     model = swap(model)
+    if fuse_norms:
+        _fuse_norms(model)
 
     untouched = [
         f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules() if _still_dropout_like(m)

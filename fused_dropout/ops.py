@@ -26,6 +26,7 @@ _dropout_add = _lib.dropout_add.default
 _alpha_dropout = _lib.alpha_dropout.default
 _act_dropout = _lib.act_dropout.default
 _act_dropout_backward = _lib.act_dropout_backward.default
+_dropout_add_norm = _lib.dropout_add_norm.default
 
 # The activations act_dropout fuses, by the names its `activation` argument takes.
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu")
@@ -131,6 +132,28 @@ def dropout_add(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(residual + dropout(input + bias), rng_state)`` in one pass."""
     return _random_call(_dropout_add, (input, residual, bias, p), seed, offset, generator, shared_dims)
+
+
+def dropout_add_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    p: float,
+    eps: float,
+    rms: bool,
+    residual_dtype: Optional[torch.dtype] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output, h, mean, rstd, rng_state)``: h = residual + dropout(input) and its LayerNorm
+    (or with ``rms`` RMSNorm) over the last dim, in one pass over each row."""
+    seed, offset = _seed_args(seed, offset)
+    return _dropout_add_norm(
+        input, residual, weight, bias, p, eps, rms, residual_dtype, seed, offset, generator, _dims(shared_dims)
+    )
 
 
 def alpha_dropout(
@@ -355,3 +378,36 @@ def _act_dropout_backward_vmap(info, in_dims, grad, input, bias, rng_state, p, a
     state = rng_state.select(state_bdim, 0) if per_sample else rng_state
     dims = _batched_dims(shared_dims, per_sample)
     return _act_dropout_backward(g, x, bias, state, p, activation, dims), 0
+
+
+@torch.library.register_vmap("fused_dropout::dropout_add_norm")
+def _dropout_add_norm_vmap(
+    info,
+    in_dims,
+    input,
+    residual,
+    weight,
+    bias,
+    p,
+    eps,
+    rms,
+    residual_dtype=None,
+    seed=None,
+    offset=0,
+    generator=None,
+    shared_dims=(),
+):
+    per_sample = _mask_per_sample(info, seed)
+    input_bdim, residual_bdim, weight_bdim, bias_bdim = in_dims[:4]
+    if weight_bdim is not None or bias_bdim is not None:
+        raise RuntimeError("vmap: dropout_add_norm takes one weight and bias for the whole batch, not one per sample")
+    args = (weight, bias, p, eps, rms, residual_dtype, seed, offset, generator)
+    if input_bdim is None and residual_bdim is None and not per_sample:
+        return _dropout_add_norm(input, residual, *args, list(shared_dims)), (None,) * 5
+    batch = info.batch_size
+    x = _batch_first(input, input_bdim, batch)
+    r = None if residual is None else _batch_first(residual, residual_bdim, batch)
+    *outputs, rng_state = _dropout_add_norm(x, r, *args, _batched_dims(shared_dims, per_sample))
+    if per_sample:
+        return (*outputs, rng_state.expand(batch, 2)), (0, 0, 0, 0, 0)
+    return (*outputs, rng_state), (0, 0, 0, 0, None)

@@ -143,6 +143,21 @@ MUTANTS = [
         "grad_output",
         "a mixed-dtype dropout_add's gradient masked before its rounding to the input's dtype",
     ),
+    # The row-reduction form.
+    Mutant(
+        "norm-mask-step",
+        "csrc/ops/dropout_add_norm/dropout_add_norm_cpu.cpp",
+        "const int64_t base = mask_base(row), step = mask.strides[input.dim() - 1];",
+        "const int64_t base = mask_base(row), step = 1;",
+        "dropout_add_norm's rows ignore a mask shared along the last dim",
+    ),
+    Mutant(
+        "norm-backward-no-centering",
+        "csrc/ops/dropout_add_norm/dropout_add_norm_autograd.cpp",
+        "const at::Tensor centered = rms ? dh : dh - dh.mean(-1, /*keepdim=*/true);",
+        "const at::Tensor centered = dh;",
+        "LayerNorm's backward forgets the mean's derivative",
+    ),
     # The Python layer.
     Mutant(
         "batch-mode-dims",

@@ -1,0 +1,53 @@
+// dropout_add_norm: h = residual + dropout(input), then LayerNorm or RMSNorm of h over the
+// last dim, in one pass over each row. A row-reduction form: an output element depends on
+// its whole row, so its kernels walk rows rather than the elementwise walk, with the mask of
+// dropout at the same seed (docs/design.md, "Adding a form").
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include "checks.h"
+
+namespace fused_dropout {
+
+inline constexpr char kDropoutAddNormOp[] = "fused_dropout::dropout_add_norm";
+
+// The arguments of one call, after the checks.
+struct NormCall {
+  MaskLayout mask;
+  at::ScalarType residual_dtype;  // h's dtype
+  at::ScalarType stats_dtype;     // mean and rstd: float32, or float64 for a float64 input
+};
+
+// All checks of dropout_add_norm's arguments (metadata only); returns h's dtype and the stats'.
+NormCall check_dropout_add_norm_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
+                                     const std::optional<int64_t>& seed, int64_t offset,
+                                     const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+
+// The same checks, and the mask layout.
+NormCall check_dropout_add_norm_call(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
+                                     const std::optional<int64_t>& seed, int64_t offset,
+                                     const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+
+// The outputs of a call, uninitialised: output (the input's dtype), h (the residual dtype),
+// both contiguous, and mean and rstd of shape input.shape[:-1].
+struct NormOutputs {
+  at::Tensor output, residual_out, mean, rstd;
+};
+NormOutputs empty_norm_outputs(const at::Tensor& input, const NormCall& call);
+
+// The op as a composition of dropout and ATen ops, on any device: the CUDA kernel until the
+// one-pass one lands, and the definition the one-pass kernels agree with.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_composite(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
+    std::optional<int64_t> seed, int64_t offset, std::optional<at::Generator> generator, at::IntArrayRef shared_dims);
+
+}  // namespace fused_dropout

@@ -1,0 +1,163 @@
+// dropout_add_norm on the CPU: rows in parallel, each row in one pass over memory. Its input
+// and residual are read once, a chunk at a time with that chunk's random words; h is written
+// and summed; the row, now in cache, is read again for its variance and its output.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/state.h"
+#include "cpu/words.h"
+#include "ops/dropout_add_norm/dropout_add_norm.h"
+#include "philox.h"
+
+namespace fused_dropout {
+namespace {
+
+// count elements of the residual from `first` on, whatever its dtype, as sum_t (exact: the
+// caller sends a float64 residual with a float32 sum to the composition).
+template <typename sum_t>
+void load_residual(const at::Tensor& residual, int64_t first, int64_t count, sum_t* dst) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "dropout_add_norm_residual", [&] {
+    const scalar_t* src = residual.const_data_ptr<scalar_t>() + first;
+    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<sum_t>(src[j]);
+  });
+}
+
+template <typename sum_t>
+struct RowStats {
+  sum_t mean, rstd;
+};
+
+// One call's rows [begin, end): h = residual + dropout(x) in sum_t rounded to h_t, then the
+// norm of the row. Operands are row-major; weight and bias are sum_t (or null).
+template <typename scalar_t, typename h_t>
+struct NormRows {
+  using sum_t = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<h_t, double>, double, float>;
+  const at::Tensor& input;
+  const at::Tensor& residual;  // may be undefined
+  const sum_t* weight;
+  const sum_t* bias;
+  scalar_t* out;
+  h_t* h;
+  sum_t* mean;
+  sum_t* rstd;
+  const MaskLayout& mask;
+  RngState state;
+  MaskedScale<scalar_t> rule;
+  sum_t eps;
+  bool rms;
+
+  // The mask index of the row's first element: the outer dims' indices times the mask strides.
+  int64_t mask_base(int64_t row) const {
+    int64_t base = 0;
+    for (int64_t d = input.dim() - 2; d >= 0; --d) {
+      base += (row % input.size(d)) * mask.strides[d];
+      row /= input.size(d);
+    }
+    return base;
+  }
+
+  // h of one row, written, and the row's sum.
+  sum_t sum_row(int64_t row, int64_t width) const {
+    alignas(64) uint32_t group_words[4 * (kBatchGroups + 1)];
+    alignas(64) uint32_t words[kChunk];
+    alignas(64) sum_t res[kChunk];
+    const scalar_t* x = input.const_data_ptr<scalar_t>() + row * width;
+    h_t* hr = h + row * width;
+    const int64_t base = mask_base(row), step = mask.strides[input.dim() - 1];
+    sum_t total = 0;
+    for (int64_t start = 0; start < width; start += kChunk) {
+      const int64_t count = std::min(kChunk, width - start);
+      const uint32_t* w = draw_run_words(state, base + start * step, step, count, group_words, words);
+      if (residual.defined()) {
+        load_residual(residual, row * width + start, count, res);
+        for (int64_t j = 0; j < count; ++j) {
+          hr[start + j] = static_cast<h_t>(res[j] + static_cast<sum_t>(rule(x[start + j], w[j])));
+        }
+      } else {
+        for (int64_t j = 0; j < count; ++j) hr[start + j] = static_cast<h_t>(rule(x[start + j], w[j]));
+      }
+      for (int64_t j = 0; j < count; ++j) total += static_cast<sum_t>(hr[start + j]);
+    }
+    return total;
+  }
+
+  void operator()(int64_t begin, int64_t end) const {
+    const int64_t width = input.size(-1);
+    for (int64_t row = begin; row < end; ++row) {
+      const sum_t total = sum_row(row, width);
+      const h_t* hr = h + row * width;
+      const sum_t mu = rms ? sum_t(0) : total / static_cast<sum_t>(width);
+      sum_t squares = 0;
+      for (int64_t j = 0; j < width; ++j) {
+        const sum_t centered = static_cast<sum_t>(hr[j]) - mu;
+        squares += centered * centered;
+      }
+      const sum_t r = sum_t(1) / std::sqrt(squares / static_cast<sum_t>(width) + eps);
+      scalar_t* y = out + row * width;
+      for (int64_t j = 0; j < width; ++j) {
+        sum_t v = (static_cast<sum_t>(hr[j]) - mu) * r;
+        if (weight != nullptr) v = v * weight[j];
+        if (bias != nullptr) v = v + bias[j];
+        y[j] = static_cast<scalar_t>(v);
+      }
+      mean[row] = mu;
+      rstd[row] = r;
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
+    std::optional<int64_t> seed, int64_t offset, std::optional<at::Generator> generator, at::IntArrayRef shared_dims) {
+  const NormCall call = check_dropout_add_norm_call(kDropoutAddNormOp, input, residual, weight, bias, p, eps, rms,
+                                                    residual_dtype, seed, offset, generator, shared_dims);
+  const bool has_residual = residual.has_value() && residual->defined();
+  // Empty rows, and a float64 residual summed in float32, take the composition.
+  if (input.numel() == 0 ||
+      (has_residual && residual->scalar_type() == at::kDouble && call.stats_dtype != at::kDouble)) {
+    return dropout_add_norm_composite(input, residual, weight, bias, p, eps, rms, residual_dtype, seed, offset,
+                                      std::move(generator), shared_dims);
+  }
+  const RngState state = draw_state(seed, offset, generator);
+  NormOutputs outs = empty_norm_outputs(input, call);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor r = has_residual ? residual->contiguous() : at::Tensor();
+  const auto affine = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->to(call.stats_dtype).contiguous() : at::Tensor();
+  };
+  const at::Tensor w = affine(weight), b = affine(bias);
+  const int64_t width = input.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dropout_add_norm", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.residual_dtype, "dropout_add_norm_h", [&] {
+      using Rows = NormRows<in_t, scalar_t>;
+      using sum_t = typename Rows::sum_t;
+      const Rows rows{x,
+                      r,
+                      w.defined() ? w.const_data_ptr<sum_t>() : nullptr,
+                      b.defined() ? b.const_data_ptr<sum_t>() : nullptr,
+                      outs.output.mutable_data_ptr<in_t>(),
+                      outs.residual_out.mutable_data_ptr<scalar_t>(),
+                      outs.mean.mutable_data_ptr<sum_t>(),
+                      outs.rstd.mutable_data_ptr<sum_t>(),
+                      call.mask,
+                      state,
+                      MaskedScale<in_t>::for_p(p),
+                      static_cast<sum_t>(eps),
+                      rms};
+      at::parallel_for(0, input.numel() / width, std::max<int64_t>(1, (int64_t{1} << 14) / width), rows);
+    });
+  });
+  return {outs.output, outs.residual_out, outs.mean, outs.rstd, state_tensor(state)};
+}
+
+}  // namespace
+}  // namespace fused_dropout
+
+TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) { m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_cpu); }
