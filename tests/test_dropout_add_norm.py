@@ -169,6 +169,31 @@ def test_opcheck(device):
     op = torch.ops.fused_dropout.dropout_add_norm.default
     torch.library.opcheck(op, (x, residual, weight, None, 0.3, 1e-5, False, None, 5, 0, None, [1]))
     torch.library.opcheck(op, (x, None, weight, None, 0.3, 1e-6, True, torch.float64, 5, 0, None, []))
+    h = random_input((3, 5, 8), torch.float64, device, seed=4)
+    mean, rstd = h.mean(-1), h.var(-1, unbiased=False).add(1e-5).rsqrt()
+    grad = random_input((3, 5, 8), torch.float32, device, seed=5)
+    for rms in (False, True):
+        torch.library.opcheck(
+            torch.ops.fused_dropout.norm_backward.default, (grad, h, weight.detach(), mean, rstd, rms)
+        )
+
+
+def test_the_one_pass_backward_equals_the_composition():
+    # norm_backward's CPU kernel (no create_graph) against the differentiable composition
+    # the same backward runs under create_graph.
+    for dtype, residual_dtype in ((torch.float32, None), (torch.bfloat16, torch.float32), (torch.float64, None)):
+        x = random_input((33, 96), dtype).requires_grad_()
+        residual = random_input((33, 96), dtype, seed=2).requires_grad_()
+        weight = random_input((96,), dtype, seed=3).requires_grad_()
+        bias = random_input((96,), dtype, seed=4).requires_grad_()
+        out, h = fd.dropout_add_layer_norm(
+            x, residual, weight, bias, 0.3, seed=2, prenorm=True, residual_dtype=residual_dtype
+        )
+        grad = random_input((33, 96), dtype, seed=6)
+        fast = torch.autograd.grad(out, (x, residual, weight, bias), grad, retain_graph=True)
+        slow = torch.autograd.grad(out, (x, residual, weight, bias), grad, create_graph=True)
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("randomness", ["same", "different", "error"])

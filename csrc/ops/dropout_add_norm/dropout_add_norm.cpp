@@ -102,7 +102,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   return {y.to(input.scalar_type()).contiguous(), h, mean, rstd, rng_state};
 }
 
+void check_norm_backward_args(const at::Tensor& grad, const at::Tensor& residual_out,
+                              const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+  const char* op = kNormBackwardOp;
+  check_input(op, residual_out);
+  TORCH_CHECK(residual_out.dim() >= 1, op, ": residual_out must have at least 1 dim");
+  check_like_input(op, "grad", residual_out, grad, OperandDtype::kAnyFloat);
+  check_affine(op, "weight", residual_out, weight);
+  const auto rows = residual_out.sym_sizes().slice(0, residual_out.dim() - 1);
+  for (const at::Tensor* stat : {&mean, &rstd}) {
+    TORCH_CHECK(stat->sym_sizes() == rows &&
+                    (stat->scalar_type() == at::kFloat || stat->scalar_type() == at::kDouble) &&
+                    stat->device() == residual_out.device(),
+                op, ": mean and rstd must be float32 or float64 of shape ", rows, " on ", residual_out.device(),
+                ", got ", stat->scalar_type(), " of shape ", stat->sym_sizes(), " on ", stat->device());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(const at::Tensor& grad,
+                                                                       const at::Tensor& residual_out,
+                                                                       const std::optional<at::Tensor>& weight,
+                                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                                       bool rms) {
+  check_norm_backward_args(grad, residual_out, weight, mean, rstd);
+  const at::ScalarType wide = rstd.scalar_type();
+  const at::Tensor go = grad.to(wide), r = rstd.unsqueeze(-1);
+  const at::Tensor xh = (residual_out.to(wide) - mean.unsqueeze(-1)) * r;
+  const at::Tensor g = weight.has_value() && weight->defined() ? go * weight->to(wide) : go;
+  const at::Tensor centered = rms ? g : g - g.mean(-1, /*keepdim=*/true);
+  const at::Tensor grad_h = (centered - xh * (g * xh).mean(-1, /*keepdim=*/true)) * r;
+  const at::Tensor rows = go.reshape({-1, go.size(-1)});
+  return {grad_h, (rows * xh.reshape(rows.sizes())).sum(0), rows.sum(0)};
+}
+
 namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_meta(const at::Tensor& grad,
+                                                                  const at::Tensor& residual_out,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                                                  bool /*rms*/) {
+  check_norm_backward_args(grad, residual_out, weight, mean, rstd);
+  const auto options = residual_out.options().dtype(rstd.scalar_type());
+  const auto last = residual_out.sym_sizes().slice(residual_out.dim() - 1);
+  return {at::empty_symint(residual_out.sym_sizes(), options), at::empty_symint(last, options),
+          at::empty_symint(last, options)};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_meta(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
@@ -128,11 +173,24 @@ TORCH_LIBRARY_FRAGMENT(fused_dropout, m) {
       "ScalarType? residual_dtype=None, int? seed=None, int offset=0, Generator? generator=None, "
       "int[] shared_dims=[]) -> (Tensor output, Tensor residual_out, Tensor mean, Tensor rstd, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
+  // The norm's part of dropout_add_norm's backward (no randomness): (grad_h, grad_weight,
+  // grad_bias) in the stats' dtype for the output's gradient at h = residual_out. Not
+  // differentiable itself: the autograd kernel calls it only where nothing differentiates the
+  // backward, and composes differentiable ops otherwise.
+  m.def(
+      "norm_backward(Tensor grad, Tensor residual_out, Tensor? weight, Tensor mean, Tensor rstd, bool rms) "
+      "-> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
 }
 
-TORCH_LIBRARY_IMPL(fused_dropout, Meta, m) { m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_meta); }
+TORCH_LIBRARY_IMPL(fused_dropout, Meta, m) {
+  m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_meta);
+  m.impl("norm_backward", &fused_dropout::norm_backward_meta);
+}
 
 #ifdef FUSED_DROPOUT_WITH_CUDA
 // CUDA runs the composition (a dropout kernel, then ATen's ops) until the one-pass kernel lands.
-TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) { m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_composite); }
+TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
+  m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_composite);
+  m.impl("norm_backward", &fused_dropout::norm_backward_composite);
+}
 #endif

@@ -14,6 +14,7 @@
 namespace fused_dropout {
 
 inline constexpr char kDropoutAddNormOp[] = "fused_dropout::dropout_add_norm";
+inline constexpr char kNormBackwardOp[] = "fused_dropout::norm_backward";
 
 // The arguments of one call, after the checks.
 struct NormCall {
@@ -49,5 +50,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
     std::optional<int64_t> seed, int64_t offset, std::optional<at::Generator> generator, at::IntArrayRef shared_dims);
+
+// The norm's part of the backward, with no randomness in it: (grad_h, grad_weight, grad_bias)
+// for the output's gradient `grad` at h = residual_out, in the stats' dtype. The mask's part is
+// dropout_replay of grad_h. Any device, by ATen's ops; the CPU has a one-pass kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(const at::Tensor& grad,
+                                                                       const at::Tensor& residual_out,
+                                                                       const std::optional<at::Tensor>& weight,
+                                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                                       bool rms);
+
+// Checks norm_backward's arguments (metadata only).
+void check_norm_backward_args(const at::Tensor& grad, const at::Tensor& residual_out,
+                              const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd);
 
 }  // namespace fused_dropout

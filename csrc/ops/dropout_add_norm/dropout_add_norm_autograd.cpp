@@ -18,6 +18,16 @@ using DropoutAddNormSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, a
     const std::optional<at::Tensor>&, double, double, bool, std::optional<at::ScalarType>, std::optional<int64_t>,
     int64_t, std::optional<at::Generator>, at::IntArrayRef);
 
+using NormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                             const std::optional<at::Tensor>&,
+                                                                             const at::Tensor&, const at::Tensor&,
+                                                                             bool);
+
+const c10::TypedOperatorHandle<NormBackwardSignature>& norm_backward_op() {
+  static const auto op = find_op<NormBackwardSignature>(kNormBackwardOp);
+  return op;
+}
+
 // The normalised rows, (h - mean) * rstd, in the stats' dtype.
 at::Tensor normalised(const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd) {
   return (h.to(rstd.scalar_type()) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1);
@@ -66,11 +76,17 @@ struct DropoutAddNormBackward : public Node {
     const at::Tensor hv = h.unpack(getptr());
     at::Tensor mu = mean.unpack(), r = rstd.unpack();
     if (at::GradMode::is_enabled()) std::tie(mu, r) = row_stats(hv.to(r.scalar_type()), eps, rms);
-    const at::Tensor xh = normalised(hv, mu, r);
     const at::Tensor w = weight.unpack();
     at::Tensor dh;
-    if (grads[0].defined()) {
-      const at::Tensor go = grads[0].to(r.scalar_type());
+    if (grads[0].defined() && !at::GradMode::is_enabled()) {
+      // Nothing differentiates this backward: the norm's part in one pass (norm_backward).
+      auto [grad_h, grad_weight, grad_bias] =
+          norm_backward_op().call(grads[0], hv, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt, mu, r, rms);
+      dh = grad_h;
+      if (should_compute_output(2)) grad_inputs[2] = grad_weight.to(weight_dtype);
+      if (should_compute_output(3)) grad_inputs[3] = grad_bias.to(bias_dtype);
+    } else if (grads[0].defined()) {
+      const at::Tensor go = grads[0].to(r.scalar_type()), xh = normalised(hv, mu, r);
       dh = normalised_derivative(w.defined() ? go * w.to(r.scalar_type()) : go, xh, r, rms);
       if (should_compute_output(2)) grad_inputs[2] = sum_rows(go * xh).to(weight_dtype);
       if (should_compute_output(3)) grad_inputs[3] = sum_rows(go).to(bias_dtype);

@@ -7,6 +7,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "cpu/state.h"
@@ -157,7 +158,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   return {outs.output, outs.residual_out, outs.mean, outs.rstd, state_tensor(state)};
 }
 
+// The norm's backward over rows [begin, end) of one chunk: grad_h of each row, and the chunk's
+// partial sums of grad * xh and grad (weight's and bias's gradients) into its own row of
+// `partials`, so that the chunks are added in a fixed order afterwards.
+template <typename scalar_t, typename h_t>
+struct NormBackwardRows {
+  using sum_t = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<h_t, double>, double, float>;
+  const scalar_t* grad;
+  const h_t* h;
+  const sum_t* weight;  // may be null
+  const sum_t* mean;
+  const sum_t* rstd;
+  sum_t* grad_h;
+  sum_t* partials;  // [chunks, 2, width]
+  int64_t width, rows_per_chunk;
+  bool rms;
+
+  void operator()(int64_t chunk_begin, int64_t chunk_end, int64_t rows) const {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      sum_t* dw = partials + chunk * 2 * width;
+      sum_t* db = dw + width;
+      std::fill_n(dw, 2 * width, sum_t(0));
+      const int64_t last = std::min(rows, (chunk + 1) * rows_per_chunk);
+      for (int64_t row = chunk * rows_per_chunk; row < last; ++row) backward_row(row, dw, db);
+    }
+  }
+
+  void backward_row(int64_t row, sum_t* dw, sum_t* db) const {
+    const scalar_t* go = grad + row * width;
+    const h_t* hr = h + row * width;
+    const sum_t mu = mean[row], r = rstd[row];
+    sum_t g_sum = 0, gx_sum = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const sum_t o = static_cast<sum_t>(go[j]), xh = (static_cast<sum_t>(hr[j]) - mu) * r;
+      const sum_t g = weight != nullptr ? o * weight[j] : o;
+      g_sum += g;
+      gx_sum += g * xh;
+      dw[j] += o * xh;
+      db[j] += o;
+    }
+    const sum_t c1 = rms ? sum_t(0) : g_sum / static_cast<sum_t>(width);
+    const sum_t c2 = gx_sum / static_cast<sum_t>(width);
+    sum_t* out = grad_h + row * width;
+    for (int64_t j = 0; j < width; ++j) {
+      const sum_t o = static_cast<sum_t>(go[j]), xh = (static_cast<sum_t>(hr[j]) - mu) * r;
+      const sum_t g = weight != nullptr ? o * weight[j] : o;
+      out[j] = (g - c1 - xh * c2) * r;
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const at::Tensor& grad, const at::Tensor& residual_out,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const at::Tensor& mean, const at::Tensor& rstd,
+                                                                 bool rms) {
+  check_norm_backward_args(grad, residual_out, weight, mean, rstd);
+  const at::ScalarType wide = rstd.scalar_type();
+  const bool matches =
+      wide ==
+      ((grad.scalar_type() == at::kDouble || residual_out.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat);
+  if (residual_out.numel() == 0 || !matches || mean.scalar_type() != wide) {
+    return norm_backward_composite(grad, residual_out, weight, mean, rstd, rms);
+  }
+  const int64_t width = residual_out.size(-1), rows = residual_out.numel() / width;
+  // Chunks of whole rows, a fixed number whatever the thread count, so the sums are the same.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t{1} << 14) / width);
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const at::Tensor go = grad.contiguous(), h = residual_out.contiguous();
+  const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+  const at::Tensor w = weight.has_value() && weight->defined() ? weight->to(wide).contiguous() : at::Tensor();
+  at::Tensor grad_h = at::empty(residual_out.sizes(), residual_out.options().dtype(wide));
+  at::Tensor partials = at::empty({chunks, 2, width}, residual_out.options().dtype(wide));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "norm_backward", [&] {
+    using grad_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual_out.scalar_type(), "norm_backward_h", [&] {
+      using Rows = NormBackwardRows<grad_t, scalar_t>;
+      using sum_t = typename Rows::sum_t;
+      const Rows body{go.const_data_ptr<grad_t>(),
+                      h.const_data_ptr<scalar_t>(),
+                      w.defined() ? w.const_data_ptr<sum_t>() : nullptr,
+                      m.const_data_ptr<sum_t>(),
+                      r.const_data_ptr<sum_t>(),
+                      grad_h.mutable_data_ptr<sum_t>(),
+                      partials.mutable_data_ptr<sum_t>(),
+                      width,
+                      rows_per_chunk,
+                      rms};
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { body(begin, end, rows); });
+    });
+  });
+  // The chunks' partial sums added in chunk order: the same result on any thread count.
+  return {grad_h, partials.select(1, 0).sum(0), partials.select(1, 1).sum(0)};
+}
+
 }  // namespace
 }  // namespace fused_dropout
 
-TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) { m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_cpu); }
+TORCH_LIBRARY_IMPL(fused_dropout, CPU, m) {
+  m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_cpu);
+  m.impl("norm_backward", &fused_dropout::norm_backward_cpu);
+}
