@@ -308,3 +308,22 @@ def test_replace_dropout_fuse_norms_in_a_vit():
     hooked.encoder.layers[0].ln_2.register_forward_hook(lambda *args: None)
     fd.replace_dropout(hooked, fuse_norms=True)
     assert type(hooked.encoder.layers[0]).__name__ == "EncoderBlock"
+
+
+def test_export():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = fd.FusedDropoutAddLayerNorm(16, p=0.2, prenorm=True)
+
+        def forward(self, x, r):
+            return self.norm(x, r)
+
+    block = Block()
+    x, residual = random_input((2, 3, 16)), random_input((2, 3, 16), seed=2)
+    exported = torch.export.export(block, (x, residual))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.fused_dropout.dropout_add_norm.default in targets
+    block.eval()
+    for got, want in zip(torch.export.export(block, (x, residual)).module()(x, residual), block(x, residual)):
+        assert_bitwise_equal(got, want)

@@ -210,12 +210,14 @@ def run(command, cwd, log, timeout, env=None):
 
 def prepare_scratch(scratch: Path):
     # Files are copied with fresh times (shutil.copy, not copy2), so that ninja rebuilds what
-    # changed since the last run, an interrupted mutant included.
+    # changed since the last run, an interrupted mutant included. A copied folder is replaced
+    # whole, so a file deleted from the tree is not built from an older copy.
     if not scratch.exists():
         scratch.mkdir(parents=True)
     for name in COPIED:
         source, target = ROOT / name, scratch / name
         if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
             ignore = shutil.ignore_patterns("__pycache__", "*.so")
             shutil.copytree(source, target, dirs_exist_ok=True, ignore=ignore, copy_function=shutil.copy)
         else:
