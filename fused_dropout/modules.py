@@ -296,7 +296,30 @@ def _last_dim_shape(name: str, normalized_shape) -> tuple:
     return shape
 
 
-class FusedDropoutAddLayerNorm(nn.Module):
+class _FusedDropoutAddNorm(nn.Module):
+    """What the two dropout + residual + norm modules share: the arguments beyond the norm's,
+    one normalised dim, and the repr."""
+
+    def __init__(self, normalized_shape, eps, elementwise_affine, p, prenorm, residual_dtype) -> None:
+        super().__init__()
+        F._check_p(p)
+        self.normalized_shape = _last_dim_shape(type(self).__name__, normalized_shape)
+        self.eps, self.elementwise_affine, self.p, self.prenorm = eps, elementwise_affine, p, prenorm
+        self.residual_dtype = residual_dtype
+
+    def _parameter(self, name, present, init, device, dtype) -> None:
+        # As nn.LayerNorm: an absent parameter is registered as None.
+        value = nn.Parameter(init(self.normalized_shape, device=device, dtype=dtype)) if present else None
+        self.register_parameter(name, value)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, p={self.p}, "
+            f"prenorm={self.prenorm}"
+        )
+
+
+class FusedDropoutAddLayerNorm(_FusedDropoutAddNorm):
     """``layer_norm(residual + dropout(input))`` as one fused pass: :class:`torch.nn.LayerNorm`
     over the last dim with the dropout and the residual add of the branch before it. The
     parameters are LayerNorm's (``weight``, ``bias``), so a LayerNorm's ``state_dict`` loads
@@ -326,22 +349,9 @@ class FusedDropoutAddLayerNorm(nn.Module):
         prenorm: bool = False,
         residual_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__()
-        F._check_p(p)
-        self.normalized_shape = _last_dim_shape(type(self).__name__, normalized_shape)
-        self.eps, self.elementwise_affine, self.p, self.prenorm = eps, elementwise_affine, p, prenorm
-        self.residual_dtype = residual_dtype
-        factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        super().__init__(normalized_shape, eps, elementwise_affine, p, prenorm, residual_dtype)
+        self._parameter("weight", elementwise_affine, torch.ones, device, dtype)
+        self._parameter("bias", elementwise_affine and bias, torch.zeros, device, dtype)
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
@@ -362,14 +372,8 @@ class FusedDropoutAddLayerNorm(nn.Module):
             residual_dtype=self.residual_dtype,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, p={self.p}, "
-            f"prenorm={self.prenorm}"
-        )
 
-
-class FusedDropoutAddRMSNorm(nn.Module):
+class FusedDropoutAddRMSNorm(_FusedDropoutAddNorm):
     """``rms_norm(residual + dropout(input))`` as one fused pass: :class:`torch.nn.RMSNorm` over
     the last dim with the dropout and residual add before it; its ``weight`` is RMSNorm's, so an
     RMSNorm's ``state_dict`` loads into it strictly. See
@@ -392,15 +396,8 @@ class FusedDropoutAddRMSNorm(nn.Module):
         prenorm: bool = False,
         residual_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__()
-        F._check_p(p)
-        self.normalized_shape = _last_dim_shape(type(self).__name__, normalized_shape)
-        self.eps, self.elementwise_affine, self.p, self.prenorm = eps, elementwise_affine, p, prenorm
-        self.residual_dtype = residual_dtype
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        super().__init__(normalized_shape, eps, elementwise_affine, p, prenorm, residual_dtype)
+        self._parameter("weight", elementwise_affine, torch.ones, device, dtype)
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
@@ -416,12 +413,6 @@ class FusedDropoutAddRMSNorm(nn.Module):
             eps=self.eps,
             prenorm=self.prenorm,
             residual_dtype=self.residual_dtype,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, p={self.p}, "
-            f"prenorm={self.prenorm}"
         )
 
 

@@ -75,6 +75,12 @@ NormOutputs empty_norm_outputs(const at::Tensor& input, const NormCall& call) {
           at::empty_symint(rows, input.options().dtype(call.stats_dtype))};
 }
 
+std::pair<at::Tensor, at::Tensor> row_stats(const at::Tensor& h, double eps, bool rms) {
+  const at::Tensor mean = rms ? at::zeros(h.sizes().slice(0, h.dim() - 1), h.options()) : h.mean(-1);
+  const at::Tensor centered = rms ? h : h - mean.unsqueeze(-1);
+  return {mean, at::rsqrt(centered.mul(centered).mean(-1).add(eps))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
@@ -93,10 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   }
   h = h.to(call.residual_dtype).contiguous();
   const at::Tensor wide = h.to(call.stats_dtype);
-  const at::Tensor mean = rms ? at::zeros(wide.sizes().slice(0, wide.dim() - 1), wide.options()) : wide.mean(-1);
-  const at::Tensor centered = rms ? wide : wide - mean.unsqueeze(-1);
-  const at::Tensor rstd = at::rsqrt(centered.mul(centered).mean(-1).add(eps));
-  at::Tensor y = centered * rstd.unsqueeze(-1);
+  const auto [mean, rstd] = row_stats(wide, eps, rms);
+  at::Tensor y = (wide - mean.unsqueeze(-1)) * rstd.unsqueeze(-1);
   if (weight.has_value() && weight->defined()) y = y * weight->to(call.stats_dtype);
   if (bias.has_value() && bias->defined()) y = y + bias->to(call.stats_dtype);
   return {y.to(input.scalar_type()).contiguous(), h, mean, rstd, rng_state};

@@ -44,6 +44,10 @@ struct NormOutputs {
 };
 NormOutputs empty_norm_outputs(const at::Tensor& input, const NormCall& call);
 
+// mean and rstd of the rows of h (already in the stats' dtype) by differentiable ATen ops;
+// mean is 0 for RMSNorm. The composition below and the differentiated backward share it.
+std::pair<at::Tensor, at::Tensor> row_stats(const at::Tensor& h, double eps, bool rms);
+
 // The op as a composition of dropout and ATen ops, on any device: the CUDA kernel until the
 // one-pass one lands, and the definition the one-pass kernels agree with.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_composite(

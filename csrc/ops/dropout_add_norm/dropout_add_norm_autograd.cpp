@@ -2,8 +2,6 @@
 // anyway), the per-row mean and rstd and the 16-byte state, never a mask. The backward and the
 // tangents are compositions of differentiable ops and the mask replay, so double backward works.
 #include <ATen/TensorOperators.h>
-#include <ATen/ops/rsqrt.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "autograd.h"
@@ -40,16 +38,6 @@ at::Tensor normalised_derivative(const at::Tensor& dh, const at::Tensor& xh, con
   return (centered - xh * (xh * centered).mean(-1, /*keepdim=*/true)) * rstd.unsqueeze(-1);
 }
 
-// mean and rstd of the rows of h (in the stats' dtype) by differentiable ops; mean 0 for RMSNorm.
-std::pair<at::Tensor, at::Tensor> row_stats(const at::Tensor& h, double eps, bool rms) {
-  const at::Tensor mean = rms ? at::zeros(h.sizes().slice(0, h.dim() - 1), h.options()) : h.mean(-1);
-  const at::Tensor centered = rms ? h : h - mean.unsqueeze(-1);
-  return {mean, at::rsqrt(centered.mul(centered).mean(-1).add(eps))};
-}
-
-// The gradient summed over every dim but the last (a weight's or a bias's).
-at::Tensor sum_rows(const at::Tensor& t) { return sum_to_last_dim(t); }
-
 struct DropoutAddNormBackward : public Node {
   torch::autograd::SavedVariable h, weight, mean, rstd, rng_state;
   double p = 0.0, eps = 0.0;
@@ -78,18 +66,16 @@ struct DropoutAddNormBackward : public Node {
     if (at::GradMode::is_enabled()) std::tie(mu, r) = row_stats(hv.to(r.scalar_type()), eps, rms);
     const at::Tensor w = weight.unpack();
     at::Tensor dh;
-    if (grads[0].defined() && !at::GradMode::is_enabled()) {
-      // Nothing differentiates this backward: the norm's part in one pass (norm_backward).
-      auto [grad_h, grad_weight, grad_bias] =
-          norm_backward_op().call(grads[0], hv, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt, mu, r, rms);
+    if (grads[0].defined()) {
+      // Where nothing differentiates this backward, the norm's part in one pass
+      // (norm_backward); otherwise the same definition by ATen's ops, which autograd records.
+      const std::optional<at::Tensor> w_or_none = w.defined() ? std::optional<at::Tensor>(w) : std::nullopt;
+      auto [grad_h, grad_weight, grad_bias] = at::GradMode::is_enabled()
+                                                  ? norm_backward_composite(grads[0], hv, w_or_none, mu, r, rms)
+                                                  : norm_backward_op().call(grads[0], hv, w_or_none, mu, r, rms);
       dh = grad_h;
       if (should_compute_output(2)) grad_inputs[2] = grad_weight.to(weight_dtype);
       if (should_compute_output(3)) grad_inputs[3] = grad_bias.to(bias_dtype);
-    } else if (grads[0].defined()) {
-      const at::Tensor go = grads[0].to(r.scalar_type()), xh = normalised(hv, mu, r);
-      dh = normalised_derivative(w.defined() ? go * w.to(r.scalar_type()) : go, xh, r, rms);
-      if (should_compute_output(2)) grad_inputs[2] = sum_rows(go * xh).to(weight_dtype);
-      if (should_compute_output(3)) grad_inputs[3] = sum_rows(go).to(bias_dtype);
     }
     if (grads[1].defined()) dh = dh.defined() ? dh + grads[1].to(dh.scalar_type()) : grads[1];
     if (!dh.defined()) return grad_inputs;
