@@ -644,6 +644,61 @@ def dropout_add_rms_norm(
     )
 
 
+def dropout_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    p: float = 0.5,
+    training: bool = True,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    shared_dims: Union[int, Sequence[int]] = (),
+) -> torch.Tensor:
+    """``F.linear(dropout(input, p), weight, bias)`` that keeps no dropped input for backward.
+
+    The mask is :func:`dropout`'s with the same ``seed``, ``offset`` and ``shared_dims``.
+    Backward saves ``input`` (the same tensor the layer before, or a LoRA adapter's base
+    layer, already keeps), ``weight`` and 16 bytes of random state; it redraws the dropped
+    input for the weight's gradient, one elementwise pass. The unfused pair keeps the
+    dropped input and a mask on top of ``input``. Under autocast the input, weight and bias
+    are cast as ``F.linear`` casts them, and the mask scales the cast input.
+
+    Args:
+        input (Tensor): ``(*, in_features)``, float32, float64, float16 or bfloat16.
+        weight (Tensor): ``(out_features, in_features)``, the input's dtype and device.
+        bias (Tensor, optional): ``(out_features,)``.
+        p (float): probability of an input element to be zeroed. Default: 0.5
+        training (bool): apply dropout if ``True``; otherwise (or at ``p=0``)
+            ``F.linear(input, weight, bias)``. Default: ``True``
+        generator, seed, offset, shared_dims: as for :func:`dropout`.
+
+    Returns:
+        Tensor of shape ``(*, out_features)``.
+    """
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(
+            dropout_linear,
+            (input, weight, bias),
+            input,
+            weight,
+            bias,
+            p,
+            training,
+            generator=generator,
+            seed=seed,
+            offset=offset,
+            shared_dims=shared_dims,
+        )
+    p, seed, offset = _checked_call("dropout_linear", input, p, seed, offset, generator)
+    _check_tensor("dropout_linear", "weight", weight)
+    _check_tensor("dropout_linear", "bias", bias, optional=True)
+    if not training or p == 0:
+        return torch.nn.functional.linear(input, weight, bias)
+    return ops.dropout_linear(input, weight, bias, p, seed, offset, generator, shared_dims)[0]
+
+
 def _channel_dims(ndim: int, batched: bool) -> List[int]:
     """The dims torch's feature dropout shares one decision over (one per sample and channel):
     the spatial dims. An unbatched input's channel dim is 0, a batched one's is 1; torch refuses

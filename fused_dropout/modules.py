@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module``s, mirroring ``torch.nn.Dropout`` and its channel-wise variants."""
 
+import sys
 import warnings
 from typing import List, Optional
 
@@ -416,6 +417,53 @@ class FusedDropoutAddRMSNorm(_FusedDropoutAddNorm):
         )
 
 
+class FusedDropoutLinear(nn.Linear):
+    """``nn.Linear`` applied to ``dropout(input, p)``: an ``nn.Dropout`` and the ``nn.Linear``
+    after it in one module, which keeps no dropped input for backward. See
+    :func:`fused_dropout.functional.dropout_linear`.
+
+    A subclass of ``nn.Linear`` with its parameters under its names, so a Linear's
+    ``state_dict`` loads strictly and code that expects a Linear (a LoRA adapter's merge, an
+    ``isinstance`` check) still finds one. In eval mode, or at ``p=0``, it is ``nn.Linear``.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        p (float): probability of an input element to be zeroed. Default: 0.5
+    """
+
+    __constants__ = ["in_features", "out_features", "p"]
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, p: float = 0.5
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.p = F._check_p(p)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, p: float) -> "FusedDropoutLinear":
+        """The fused module holding ``linear``'s own parameters (the same ``Parameter`` objects)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = linear.in_features, linear.out_features
+        fused.weight = linear.weight
+        fused.register_parameter("bias", linear.bias)
+        fused.p = F._check_p(p)
+        fused.train(linear.training)
+        return fused
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self.training and float(self.p) > 0.0:
+                return torch.ops.fused_dropout.dropout_linear(
+                    input, self.weight, self.bias, float(self.p), None, 0, None, []
+                )[0]
+            return torch.nn.functional.linear(input, self.weight, self.bias)
+        return F.dropout_linear(input, self.weight, self.bias, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
 def _is_timm_drop_path(module: nn.Module) -> bool:
     # By name, so that replace_dropout works without timm installed.
     cls = type(module)
@@ -506,7 +554,81 @@ def _fuse_activations(model: nn.Module) -> None:
             module._modules[second] = nn.Identity()
 
 
-_FUSED_MODULES = (_FusedDropoutNd, FusedActDropout, FusedStochasticDepth, FusedDropPath)
+def _plain_dropout_p(module: nn.Module) -> Optional[float]:
+    """p of an ``nn.Dropout`` or a ``FusedDropout`` (either, since replace_dropout may run twice)
+    with no hooks, or None."""
+    if type(module) not in (nn.Dropout, FusedDropout) or _has_hooks(module):
+        return None
+    return module.p
+
+
+def _fusable_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not _has_hooks(module)
+
+
+def _lora_layer_class():
+    """PEFT's LoraLayer when PEFT is imported (a model with LoRA layers has imported it), else None."""
+    if "peft" not in sys.modules:
+        return None
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer
+
+
+# Activations whose backward needs their input: fused with the dropout after them, they keep
+# that input and the Linear's, as dropout_linear after them would too, and save a pass. ReLU's
+# backward needs only its output, which dropout_linear after it shares: one tensor fewer.
+_FUSE_WITH_ACTIVATION = ("gelu", "gelu_tanh", "silu")
+
+
+def _fuse_linears(model: nn.Module, before_activations: bool) -> List[str]:
+    """Dropout directly before a Linear becomes one FusedDropoutLinear holding the Linear's own
+    parameters: in a plain-running nn.Sequential (an Identity in the dropout's slot, the fused
+    module in the Linear's, so indices and state_dict keys stay), unless ``before_activations``
+    and a GELU or SiLU comes right before the dropout (the activation fusion takes that pair);
+    and in each vanilla adapter of a PEFT LoRA layer on an nn.Linear (``lora_dropout[name]`` and
+    ``lora_A[name]``, whose forward is ``lora_B(lora_A(lora_dropout(x)))``). Returns the adapters
+    left unfused because a LoRA variant (DoRA and others) uses the dropped input beyond lora_A."""
+    for module in list(model.modules()):
+        if not _runs_in_order(module):
+            continue
+        names = list(module._modules.keys())
+        for index, (first, second) in enumerate(zip(names, names[1:])):
+            dropout, linear = module._modules[first], module._modules[second]
+            p = _plain_dropout_p(dropout) if dropout is not None else None
+            if p is None or linear is None or not _fusable_linear(linear):
+                continue
+            before = module._modules[names[index - 1]] if index > 0 else None
+            if before_activations and before is not None and _activation_name(before) in _FUSE_WITH_ACTIVATION:
+                continue
+            fused = FusedDropoutLinear.from_linear(linear, p)
+            fused.train(dropout.training)
+            module._modules[first] = nn.Identity()
+            module._modules[second] = fused
+    lora_layer = _lora_layer_class()
+    if lora_layer is None:
+        return []
+    variants = []
+    for layer_name, layer in model.named_modules():
+        if not isinstance(layer, lora_layer) or not isinstance(layer.get_base_layer(), nn.Linear):
+            continue
+        for adapter in list(layer.lora_A.keys()):
+            p = _plain_dropout_p(layer.lora_dropout[adapter]) if adapter in layer.lora_dropout else None
+            if p is None or not _fusable_linear(layer.lora_A[adapter]):
+                continue
+            if adapter in getattr(layer, "lora_variant", {}):
+                variants.append(f"{layer_name} ({adapter})")
+                continue
+            fused = FusedDropoutLinear.from_linear(layer.lora_A[adapter], p)
+            fused.train(layer.lora_dropout[adapter].training)
+            layer.lora_dropout[adapter] = nn.Identity()
+            layer.lora_A[adapter] = fused
+    return variants
+
+
+_FUSED_MODULES = (_FusedDropoutNd, FusedActDropout, FusedStochasticDepth, FusedDropPath, FusedDropoutLinear)
 
 
 def _still_dropout_like(module: nn.Module) -> bool:
@@ -518,10 +640,6 @@ def _still_dropout_like(module: nn.Module) -> bool:
         return True
     name = type(module).__name__
     return "Drop" in name or "StochasticDepth" in name
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
 def _fused_norm_block_class(block_class):
@@ -570,7 +688,12 @@ def _fuse_norms(model: nn.Module) -> None:
 
 
 def replace_dropout(
-    model: nn.Module, fuse_activations: bool = True, *, functional: bool = False, fuse_norms: bool = False
+    model: nn.Module,
+    fuse_activations: bool = True,
+    *,
+    functional: bool = False,
+    fuse_norms: bool = False,
+    fuse_linears: Optional[bool] = None,
 ) -> nn.Module:
     """Swap every torch dropout module (``nn.Dropout``, ``nn.Dropout1d/2d/3d``,
     ``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``), every ``torchvision.ops.StochasticDepth``
@@ -586,6 +709,19 @@ def replace_dropout(
     checkpoints of the stock model load into the swapped one and back. Only containers whose
     forward is ``nn.Sequential.forward`` are fused (a subclass with its own forward may use the
     activation's output twice), and a pair with a hook on either module stays unfused.
+
+    With ``fuse_linears``, an ``nn.Dropout`` directly followed by an ``nn.Linear`` inside such an
+    ``nn.Sequential`` (the classifier heads of VGG, AlexNet, EfficientNet, MobileNet) becomes an
+    ``nn.Identity`` and a :class:`FusedDropoutLinear` holding the Linear's own parameters, in the
+    Linear's slot; and in every PEFT LoRA layer on an ``nn.Linear``, each adapter's
+    ``lora_dropout`` and ``lora_A`` become an ``nn.Identity`` and a :class:`FusedDropoutLinear`. Backward
+    then keeps the Linear's input, not a dropped copy of it. Keys and parameters stay the same,
+    so PEFT's ``save_pretrained``, ``load_adapter`` and ``merge_and_unload`` work as before. An
+    adapter of a LoRA variant (DoRA and others use the dropped input beyond ``lora_A``) keeps its
+    dropout module, swapped as any other, and the warning names it. Where a GELU or SiLU comes
+    before the dropout, the activation fusion takes the pair instead (it saves the same tensors
+    and a pass); after a ReLU, the dropout goes with the Linear (the ReLU's saved output is then
+    the Linear's saved input: one tensor fewer).
 
     With ``functional``, the model's own calls of ``torch.nn.functional.dropout`` (and its
     channel-wise and alpha forms), which no module swap reaches, run as the fused ops too:
@@ -607,6 +743,8 @@ def replace_dropout(
         fuse_activations (bool): fuse activation + dropout pairs. Default: ``True``
         functional (bool): reach functional dropout calls too. Default: ``False``
         fuse_norms (bool): fuse dropout + residual + LayerNorm in ViT encoder blocks. Default: ``False``
+        fuse_linears (bool, optional): fuse dropout + Linear pairs and LoRA adapters. Default: the
+            value of ``fuse_activations``, so ``fuse_activations=False`` swaps modules one for one.
 
     Returns:
         The model (the new module when ``model`` itself was a dropout module).
@@ -629,6 +767,9 @@ def replace_dropout(
         replaced[id(module)] = fused
         return fused
 
+    if fuse_linears is None:
+        fuse_linears = fuse_activations
+    lora_variants = _fuse_linears(model, fuse_activations) if fuse_linears else []
     if fuse_activations:
         _fuse_activations(model)
     for parent in list(model.modules()):
@@ -645,11 +786,16 @@ def replace_dropout(
         f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules() if _still_dropout_like(m)
     ]
     calls_functional = not functional and any(functional_routing.uses_functional_dropout(m) for m in model.modules())
-    if untouched or calls_functional:
+    if untouched or calls_functional or lora_variants:
         parts = []
         if untouched:
             parts.append(
                 "left these modules unchanged, since fused_dropout has no kernel for them: " + ", ".join(untouched)
+            )
+        if lora_variants:
+            parts.append(
+                "kept lora_dropout and lora_A apart in these LoRA adapters, whose variant (e.g. DoRA) uses "
+                "the dropped input beyond lora_A: " + ", ".join(lora_variants)
             )
         if calls_functional:
             parts.append(

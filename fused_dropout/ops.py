@@ -27,6 +27,7 @@ _alpha_dropout = _lib.alpha_dropout.default
 _act_dropout = _lib.act_dropout.default
 _act_dropout_backward = _lib.act_dropout_backward.default
 _dropout_add_norm = _lib.dropout_add_norm.default
+_dropout_linear = _lib.dropout_linear.default
 
 # The activations act_dropout fuses, by the names its `activation` argument takes.
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu")
@@ -154,6 +155,21 @@ def dropout_add_norm(
     return _dropout_add_norm(
         input, residual, weight, bias, p, eps, rms, residual_dtype, seed, offset, generator, _dims(shared_dims)
     )
+
+
+def dropout_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    p: float,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    shared_dims: Sequence[int] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(F.linear(dropout(input), weight, bias), rng_state)``; backward keeps ``input``, not
+    the dropped input."""
+    return _random_call(_dropout_linear, (input, weight, bias, p), seed, offset, generator, shared_dims)
 
 
 def alpha_dropout(
@@ -411,3 +427,29 @@ def _dropout_add_norm_vmap(
     if per_sample:
         return (*outputs, rng_state.expand(batch, 2)), (0, 0, 0, 0, 0)
     return (*outputs, rng_state), (0, 0, 0, 0, None)
+
+
+@torch.library.register_vmap("fused_dropout::dropout_linear")
+def _dropout_linear_vmap(info, in_dims, input, weight, bias, p, seed=None, offset=0, generator=None, shared_dims=()):
+    per_sample = _mask_per_sample(info, seed)
+    input_bdim, weight_bdim, bias_bdim = in_dims[:3]
+    if input_bdim is None and weight_bdim is None and bias_bdim is None and not per_sample:
+        return _dropout_linear(input, weight, bias, p, seed, offset, generator, list(shared_dims)), (None, None)
+    batch = info.batch_size
+    x = _batch_first(input, input_bdim, batch)
+    dims = _batched_dims(shared_dims, per_sample)
+    if weight_bdim is None and bias_bdim is None:
+        output, rng_state = _dropout_linear(x, weight, bias, p, seed, offset, generator, dims)
+    else:
+        # A weight per sample (an ensemble): the same mask by dropout, then one batched matmul.
+        # Backward then keeps the dropped input, as the unfused composition does.
+        dropped, rng_state = _dropout(x, p, seed, offset, generator, dims)
+        w = _batch_first(weight, weight_bdim, batch)
+        output = torch.matmul(dropped.reshape(batch, -1, x.shape[-1]), w.transpose(-1, -2))
+        output = output.reshape(*x.shape[:-1], w.shape[-2])
+        if bias is not None:
+            b = _batch_first(bias, bias_bdim, batch)
+            output = output + b.reshape(batch, *([1] * (x.dim() - 2)), b.shape[-1])
+    if per_sample:
+        return (output, rng_state.expand(info.batch_size, 2)), (0, 0)
+    return (output, rng_state), (0, None)

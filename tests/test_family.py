@@ -377,9 +377,9 @@ def test_replace_dropout_fuses_activation_dropout_pairs_and_keeps_state_dict_key
         "FusedActDropout",
         "Identity",
         "Linear",
-        "FusedActDropout",
+        "ReLU",  # its dropout goes with the Linear after it (test_dropout_linear.py)
         "Identity",
-        "Linear",
+        "FusedDropoutLinear",
         "FusedDropout",
         "SELU",
         "FusedAlphaDropout",
@@ -389,8 +389,10 @@ def test_replace_dropout_fuses_activation_dropout_pairs_and_keeps_state_dict_key
     x = random_input((3, 8), torch.float32)
     stock.eval(), fused.eval()
     assert torch.equal(fused(x), stock(x))
-    unfused = fused_dropout.replace_dropout(_copy(stock), fuse_activations=False)
+    unfused = fused_dropout.replace_dropout(_copy(stock), fuse_activations=False)  # one for one
     assert [type(m).__name__ for m in unfused][1:3] == ["GELU", "FusedDropout"]
+    linears_only = fused_dropout.replace_dropout(_copy(stock), fuse_activations=False, fuse_linears=True)
+    assert [type(m).__name__ for m in linears_only][1:4] == ["GELU", "Identity", "FusedDropoutLinear"]
 
 
 def test_replace_dropout_fuses_torchvisions_mlp_block():
