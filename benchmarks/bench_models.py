@@ -93,9 +93,10 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-# The models model_specs builds (--quick: the first two). The last two are the client
-# libraries' own: timm's ViT with drop path, and transformers' GPT-2 with eager attention,
-# whose attention dropout is a functional call (replace_dropout(..., functional=True)).
+# The models model_specs builds (--quick: the first two). timm_vit_small and hf_gpt2 are the
+# client libraries' own: timm's ViT with drop path, and transformers' GPT-2 with eager
+# attention, whose attention dropout is a functional call (replace_dropout(..., functional=True)).
+# The heads and llama_lora measure dropout before a Linear (FusedDropoutLinear).
 MODEL_NAMES = [
     "gpt2",
     "vit_b_16",
@@ -107,6 +108,9 @@ MODEL_NAMES = [
     "vit_b_16_norm",
     "timm_vit_small",
     "hf_gpt2",
+    "vgg11_head",
+    "efficientnet_b0_head",
+    "llama_lora",
 ]
 
 
@@ -186,6 +190,66 @@ def model_specs(device, quick):
             ),
         ]
         specs += client_library_specs(device, image, gpt, images, tokens)
+        specs += dropout_linear_specs(device, cuda, gpt)
+    return specs
+
+
+def dropout_linear_specs(device, cuda, gpt):
+    """Dropout before a Linear: torchvision's VGG-11 and EfficientNet-B0 classifier heads on
+    random features, and a Llama-style decoder (transformers, random weights) with PEFT LoRA
+    on q, k, v, o, gate, up and down at lora_dropout 0.1, beside the same at lora_dropout 0
+    (variant "no_dropout"), where the libraries are installed."""
+    import torchvision.models as tv
+
+    rows = 512 if cuda else 128
+
+    def features(channels, classes=1000):
+        # The trunk's output at 224x224, which requires grad as it does inside the whole network.
+        return lambda: (
+            torch.randn(rows, channels, 7, 7, device=device, requires_grad=True),
+            torch.randint(0, classes, (rows,), device=device),
+        )
+
+    def head(model):
+        """The model after its trunk: pooling, flatten and the classifier."""
+        return nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
+
+    specs = [
+        ("vgg11_head", lambda fused: head(tv.vgg11(weights=None)), features(512)),
+        ("efficientnet_b0_head", lambda fused: head(tv.efficientnet_b0(weights=None)), features(1280)),
+    ]
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        print("bench_models: peft or transformers is not installed; skipping llama_lora", file=sys.stderr)
+        return specs
+    size = (
+        dict(layers=8, dim=1024, mlp=2816, heads=16, seq=512, batch=4)
+        if cuda
+        else dict(layers=4, dim=256, mlp=688, heads=4, seq=128, batch=4)
+    )
+    vocab = 8000
+
+    def llama_lora(lora_dropout):
+        config = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=size["dim"],
+            intermediate_size=size["mlp"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"],
+            num_key_value_heads=size["heads"],
+            max_position_embeddings=size["seq"],
+        )
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets)
+        return LogitsOf(peft.get_peft_model(transformers.LlamaForCausalLM(config), lora))
+
+    def tokens():
+        idx = lambda: torch.randint(0, vocab, (size["batch"], size["seq"]), device=device)  # noqa: E731
+        return idx(), idx()
+
+    specs.append(("llama_lora", lambda fused: llama_lora(0.1), tokens, {"no_dropout": lambda: llama_lora(0.0)}))
     return specs
 
 
@@ -277,16 +341,21 @@ class Progress:
             self.bar.close()
 
 
-def bench_model(name, build, make_batch, device, modes, steps, warmup, progress):
+def bench_model(name, build, make_batch, device, modes, steps, warmup, progress, others=None):
+    """Rows for stock, fused (replace_dropout) and each of ``others`` (name -> build()), all
+    holding the stock model's weights."""
     torch.manual_seed(0)
     stock = build(False).to(device)
-    fused = fused_dropout.replace_dropout(build(True).to(device))
-    fused.load_state_dict(stock.state_dict())
-    loss_fn = lm_loss if name in ("gpt2", "gpt2_norm", "hf_gpt2") else F.cross_entropy
+    models = {"stock": stock, "fused": fused_dropout.replace_dropout(build(True).to(device))}
+    for kind, build_other in (others or {}).items():
+        models[kind] = build_other().to(device)
+    for kind in models:
+        models[kind].load_state_dict(stock.state_dict())
+    loss_fn = lm_loss if name in ("gpt2", "gpt2_norm", "hf_gpt2", "llama_lora") else F.cross_entropy
     batch = make_batch()
     variants = {}
     for mode in modes:
-        for kind, model in (("stock", stock), ("fused", fused)):
+        for kind, model in models.items():
             m = copy.deepcopy(model)
             m.train()
             runnable = torch.compile(m) if mode == "compiled" else m
@@ -310,8 +379,12 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
             v["step"]()
             torch.cuda.synchronize()
             memory = torch.cuda.max_memory_allocated() - base
+            activations = float("nan")
         else:
-            memory = saved_bytes(v["model"], batch[0]) if mode == "eager" else float("nan")
+            eager = mode == "eager"
+            memory = saved_bytes(v["model"], batch[0]) if eager else float("nan")
+            parameters = list(v["model"].parameters())
+            activations = saved_bytes(v["model"], batch[0], exclude=parameters) if eager else float("nan")
         timing = Timing.of(v["ms"])
         rows.append(
             {
@@ -323,6 +396,7 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
                 "ms_max": timing.max,
                 "spread": timing.spread,
                 "memory_bytes": memory,
+                "activation_bytes": activations,
                 "steps": len(v["ms"]),
             }
         )
@@ -338,6 +412,24 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress)
     return rows
 
 
+def no_dropout_lines(rows):
+    """For each model measured beside a no-dropout variant: the fused variant's memory and
+    activations against it, and its step time against stock dropout."""
+    lines = []
+    for r in rows:
+        base = next(
+            (b for b in rows if (b["model"], b["mode"], b["variant"]) == (r["model"], r["mode"], "no_dropout")), None
+        )
+        if base is None or r["variant"] != "fused":
+            continue
+        parts = [f"step time {1 / r['speedup_vs_stock']:.3f}x stock dropout's"]
+        for key, what in (("memory_bytes", "memory"), ("activation_bytes", "activations saved")):
+            if r[key] == r[key] and base[key]:
+                parts.append(f"{what} {r[key] / base[key]:.4f}x no dropout's")
+        lines.append(f"- {r['model']} ({r['mode']}), fused dropout: " + ", ".join(parts))
+    return lines
+
+
 def write_outputs(rows, meta, out, prov):
     memory_name = "peak memory (MiB)" if meta["device"].startswith("cuda") else "saved for backward (MiB)"
     lines = [
@@ -347,18 +439,28 @@ def write_outputs(rows, meta, out, prov):
         "step (forward, backward, AdamW), not dropout alone. spread: interquartile range over the median; "
         "(noisy): the two spreads add up to more than the speed difference, which is then not measured.",
         "",
+        "activations (CPU): the bytes saved for backward less the model's parameters' (a weight autograd "
+        "keeps is no new memory).",
+        "",
         f"| model | mode | variant | steps/s | ms median | ms p95 | ms max | spread | {memory_name} "
-        "| speed vs stock | memory vs stock |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| activations (MiB) | speed vs stock | memory vs stock |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def mib(value):
+        return "" if value != value else f"{value / 2**20:.1f}"
+
     for r in rows:
-        mem = "" if r["memory_bytes"] != r["memory_bytes"] else f"{r['memory_bytes'] / 2**20:.1f}"
         mem_ratio = "" if r["memory_vs_stock"] != r["memory_vs_stock"] else f"{r['memory_vs_stock']:.3f}x"
         speed = f"{r['speedup_vs_stock']:.3f}x" + (" (noisy)" if r["speedup_noisy"] else "")
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['variant']} | {1e3 / r['ms_median']:.2f} | {r['ms_median']:.1f} | "
-            f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {r['spread']:.0%} | {mem} | {speed} | {mem_ratio} |"
+            f"{r['ms_p95']:.1f} | {r['ms_max']:.1f} | {r['spread']:.0%} | {mib(r['memory_bytes'])} | "
+            f"{mib(r['activation_bytes'])} | {speed} | {mem_ratio} |"
         )
+    against_no_dropout = no_dropout_lines(rows)
+    if against_no_dropout:
+        lines += ["", "Fused dropout against the same model without dropout:", "", *against_no_dropout]
     write_results(out, prov, "\n".join(lines), rows, extra=meta)
     try:
         import matplotlib
@@ -414,8 +516,8 @@ def main():
         parser.error(f"none of --models {' '.join(args.models)} is built with --quick (it builds gpt2 and vit_b_16)")
     progress = Progress(len(specs) * (warmup + steps), args.quiet)
     rows = []
-    for name, build, make_batch in specs:
-        rows += bench_model(name, build, make_batch, device, args.modes, steps, warmup, progress)
+    for name, build, make_batch, *others in specs:
+        rows += bench_model(name, build, make_batch, device, args.modes, steps, warmup, progress, *others)
     progress.close()
     meta = {"device": str(device), "steps": steps, "warmup": warmup, "quick": args.quick}
     write_outputs(rows, meta, Path(args.out), provenance(device))

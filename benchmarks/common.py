@@ -113,14 +113,17 @@ def cycle(items):
     return next_item
 
 
-def saved_bytes(fn, *args):
-    """Bytes of the distinct storages autograd keeps for backward of fn(*args)."""
+def saved_bytes(fn, *args, exclude=()):
+    """Bytes of the distinct storages autograd keeps for backward of fn(*args), leaving out
+    the storages of the tensors in ``exclude`` (a model's parameters, to count activations)."""
     storages = {}
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(tensor):
         if isinstance(tensor, torch.Tensor):
             storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in excluded:
+                storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

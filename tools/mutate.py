@@ -158,7 +158,21 @@ MUTANTS = [
         "const at::Tensor centered = dh;",
         "LayerNorm's backward forgets the mean's derivative",
     ),
+    Mutant(
+        "linear-weight-grad-undropped",
+        "csrc/ops/dropout_linear/dropout_linear_autograd.cpp",
+        "const at::Tensor dropped = replay(input.unpack(), state, p, shared_dims);",
+        "const at::Tensor dropped = input.unpack();",
+        "dropout_linear's weight gradient uses the input, not the redrawn dropped input",
+    ),
     # The Python layer.
+    Mutant(
+        "lora-variant-fused",
+        "fused_dropout/modules.py",
+        '            if adapter in getattr(layer, "lora_variant", {}):',
+        "            if False:",
+        "replace_dropout fuses a DoRA adapter's dropout into lora_A",
+    ),
     Mutant(
         "batch-mode-dims",
         "fused_dropout/functional.py",
