@@ -275,10 +275,12 @@ def test_replace_dropout_in_a_torchvision_classifier_head():
     assert model.classifier[3].weight.grad is not None
 
 
-peft = pytest.importorskip("peft", reason="peft is not installed")
+def import_peft():
+    return pytest.importorskip("peft", reason="peft is not installed")
 
 
 def lora_llama(lora_dropout=0.1, **lora_kwargs):
+    peft = import_peft()
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=64,
@@ -326,6 +328,7 @@ def test_lora_adapters_fuse_and_train_as_the_unfused_ones():
 
 
 def test_lora_adapters_save_load_and_merge(tmp_path):
+    peft = import_peft()
     base, model = lora_llama()
     fd.replace_dropout(model)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -342,6 +345,7 @@ def test_lora_adapters_save_load_and_merge(tmp_path):
 
 
 def test_multiple_adapters_fuse_and_dora_is_left_apart_with_a_warning():
+    peft = import_peft()
     _, model = lora_llama()
     model.add_adapter("second", peft.LoraConfig(r=2, lora_dropout=0.2, target_modules=["q_proj"]))
     model.add_adapter("dora", peft.LoraConfig(r=2, lora_dropout=0.2, target_modules=["v_proj"], use_dora=True))
@@ -361,6 +365,7 @@ def test_multiple_adapters_fuse_and_dora_is_left_apart_with_a_warning():
 
 
 def test_lora_on_gpt2s_conv1d_fuses_and_trains_as_the_unfused_one():
+    peft = import_peft()
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=64)
     torch.manual_seed(0)
@@ -382,3 +387,16 @@ def test_lora_on_gpt2s_conv1d_fuses_and_trains_as_the_unfused_one():
     assert fused_grads.keys() == unfused_grads.keys()
     for name in fused_grads:
         assert_bitwise_equal(fused_grads[name].grad, unfused_grads[name].grad)
+
+
+def test_fx_traces_the_module_and_inductor_compiles_it():
+    layer = nn.Sequential(fd.FusedDropoutLinear(16, 4, p=0.5))
+    x = random_input((3, 16))
+    traced = torch.fx.symbolic_trace(layer)
+    torch.manual_seed(2)
+    want = layer(x)
+    torch.manual_seed(2)
+    assert_bitwise_equal(traced(x), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: fd.dropout_linear(t, layer[0].weight, layer[0].bias, 0.5, seed=4))
+    assert_bitwise_equal(compiled(x), fd.dropout_linear(x, layer[0].weight, layer[0].bias, 0.5, seed=4))

@@ -173,3 +173,50 @@ def test_ddp_two_cpu_ranks(functional):
     assert torch.equal(a["grad"], b["grad"])  # gradients are all-reduced
     assert torch.equal(a["weight"], b["weight"])  # so the replicas stay identical
     assert a["last"] < 0.5 * a["first"] and b["last"] < 0.5 * b["first"]  # and training converges
+
+
+class LoraLike(nn.Module):
+    """A frozen Linear with a trainable dropout + A + B adapter beside it, as a LoRA layer runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = nn.Linear(16, 16).requires_grad_(False)
+        self.a = fused_dropout.FusedDropoutLinear(16, 4, bias=False, p=0.3)
+        self.b = nn.Linear(4, 16)
+
+    def forward(self, x):
+        return (self.base(x) + self.b(self.a(x))).square().mean()
+
+
+def _fsdp2_worker(rank, world, port, results):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = LoraLike()
+    fully_shard(model.a)
+    fully_shard(model.b)
+    fully_shard(model)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+    torch.manual_seed(100 + rank)  # each rank its own masks
+    model(x).backward()
+    results[rank] = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.requires_grad}
+    dist.destroy_process_group()
+
+
+def test_fsdp2_two_cpu_ranks_shard_a_fused_dropout_linear():
+    pytest.importorskip("torch.distributed.fsdp", reason="torch lacks FSDP2")
+    port = free_port()
+    results = mp.Manager().dict()
+    mp.spawn(_fsdp2_worker, args=(2, port, results), nprocs=2, join=True)
+    # The unsharded model, each rank's batch with that rank's masks, gradients averaged as FSDP's are.
+    model = LoraLike()
+    for rank in range(2):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+        torch.manual_seed(100 + rank)
+        (model(x) / 2).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            for rank in range(2):
+                torch.testing.assert_close(results[rank][name], p.grad)
