@@ -2,7 +2,7 @@
 
 import sys
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -297,9 +297,36 @@ def _last_dim_shape(name: str, normalized_shape) -> tuple:
     return shape
 
 
+def _scripted_dropout_add_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    p: float,
+    training: bool,
+    eps: Optional[float],
+    rms: bool,
+    residual_dtype: Optional[torch.dtype],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(output, h)`` of the norm modules under TorchScript: the op itself, as the functional
+    API calls it (eval and p=0 the plain norm with no state drawn; RMSNorm's default eps the
+    machine epsilon of the accumulation type)."""
+    if eps is None:
+        eps = 2.220446049250313e-16 if input.dtype == torch.float64 else 1.1920928955078125e-07
+    seed: Optional[int] = None
+    if not training or p == 0.0:
+        p, seed = 0.0, 0
+    output, h, _, _, _ = torch.ops.fused_dropout.dropout_add_norm(
+        input, residual, weight, bias, p, eps, rms, residual_dtype, seed, 0, None, []
+    )
+    return output, h
+
+
 class _FusedDropoutAddNorm(nn.Module):
     """What the two dropout + residual + norm modules share: the arguments beyond the norm's,
-    one normalised dim, and the repr."""
+    one normalised dim, the repr, and the forward under TorchScript."""
+
+    __constants__ = ["prenorm"]
 
     def __init__(self, normalized_shape, eps, elementwise_affine, p, prenorm, residual_dtype) -> None:
         super().__init__()
@@ -361,6 +388,21 @@ class FusedDropoutAddLayerNorm(_FusedDropoutAddNorm):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if torch.jit.is_scripting():
+            output, h = _scripted_dropout_add_norm(
+                input,
+                residual,
+                self.weight,
+                self.bias,
+                float(self.p),
+                self.training,
+                self.eps,
+                False,
+                self.residual_dtype,
+            )
+            if self.prenorm:
+                return output, h
+            return output
         return F.dropout_add_layer_norm(
             input,
             residual,
@@ -405,6 +447,13 @@ class FusedDropoutAddRMSNorm(_FusedDropoutAddNorm):
             nn.init.ones_(self.weight)
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if torch.jit.is_scripting():
+            output, h = _scripted_dropout_add_norm(
+                input, residual, self.weight, None, float(self.p), self.training, self.eps, True, self.residual_dtype
+            )
+            if self.prenorm:
+                return output, h
+            return output
         return F.dropout_add_rms_norm(
             input,
             residual,

@@ -415,15 +415,30 @@ def _dropout_add_norm_vmap(
 ):
     per_sample = _mask_per_sample(info, seed)
     input_bdim, residual_bdim, weight_bdim, bias_bdim = in_dims[:4]
-    if weight_bdim is not None or bias_bdim is not None:
-        raise RuntimeError("vmap: dropout_add_norm takes one weight and bias for the whole batch, not one per sample")
-    args = (weight, bias, p, eps, rms, residual_dtype, seed, offset, generator)
-    if input_bdim is None and residual_bdim is None and not per_sample:
+    if input_bdim is None and residual_bdim is None and weight_bdim is None and bias_bdim is None and not per_sample:
+        args = (weight, bias, p, eps, rms, residual_dtype, seed, offset, generator)
         return _dropout_add_norm(input, residual, *args, list(shared_dims)), (None,) * 5
     batch = info.batch_size
     x = _batch_first(input, input_bdim, batch)
     r = None if residual is None else _batch_first(residual, residual_bdim, batch)
-    *outputs, rng_state = _dropout_add_norm(x, r, *args, _batched_dims(shared_dims, per_sample))
+    dims = _batched_dims(shared_dims, per_sample)
+    if weight_bdim is None and bias_bdim is None:
+        args = (weight, bias, p, eps, rms, residual_dtype, seed, offset, generator)
+        *outputs, rng_state = _dropout_add_norm(x, r, *args, dims)
+    else:
+        # A weight or bias per sample (an ensemble): h from the op, the norm and the affine by
+        # torch's ops, differentiable through h. Equal to the fused op to rounding.
+        args = (None, None, p, eps, rms, residual_dtype, seed, offset, generator)
+        _, h, mean, rstd, rng_state = _dropout_add_norm(x, r, *args, dims)
+        wide = h.to(rstd.dtype)
+        centered = wide if rms else wide - wide.mean(-1, keepdim=True)
+        y = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+        per_sample_shape = (batch, *([1] * (x.dim() - 2)), x.shape[-1])
+        if weight is not None:
+            y = y * _batch_first(weight, weight_bdim, batch).to(wide.dtype).reshape(per_sample_shape)
+        if bias is not None:
+            y = y + _batch_first(bias, bias_bdim, batch).to(wide.dtype).reshape(per_sample_shape)
+        outputs = [y.to(x.dtype), h, mean, rstd]
     if per_sample:
         return (*outputs, rng_state.expand(batch, 2)), (0, 0, 0, 0, 0)
     return (*outputs, rng_state), (0, 0, 0, 0, None)

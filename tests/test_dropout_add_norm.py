@@ -222,6 +222,24 @@ def test_vmap(randomness):
         assert_bitwise_equal(seeded[i], fd.dropout_add_layer_norm(x[i], residual[i], None, None, 0.5, seed=3))
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_vmap_over_a_weight_and_bias_per_sample(rms):
+    x = random_input((3, 4, 16)).requires_grad_()
+    residual = random_input((3, 4, 16), seed=2)
+    weights = random_input((3, 16), seed=3).requires_grad_()
+    biases = None if rms else random_input((3, 16), seed=4)
+
+    def fn(x, r, w, b):
+        return call(rms, x, r, w, b, 0.5, seed=3, eps=1e-5)
+
+    got = torch.vmap(fn, in_dims=(0, 0, 0, None if rms else 0))(x, residual, weights, biases)
+    want = torch.stack([fn(x[i], residual[i], weights[i], None if rms else biases[i]) for i in range(3)])
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), (x, weights))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, weights))):
+        torch.testing.assert_close(g, w)
+
+
 def test_compile_fullgraph_and_fake_tensors():
     x = random_input((4, 32), torch.float32)
     residual = random_input((4, 32), torch.float32, seed=2)
