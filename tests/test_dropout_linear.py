@@ -48,6 +48,19 @@ def test_values_and_gradients_equal_the_unfused_pair_bit_for_bit(device, bias, s
         assert_bitwise_equal(got, expected)
 
 
+@pytest.mark.parametrize("shape, weight_shape", [((0, 5), (3, 5)), ((2, 0), (3, 0)), ((4, 0, 5), (3, 5))], ids=str)
+def test_empty_inputs_give_the_pairs_gradients(shape, weight_shape):
+    x = random_input(shape).requires_grad_()
+    weight = random_input(weight_shape, seed=2).requires_grad_()
+    bias = random_input(weight_shape[:1], seed=3).requires_grad_()
+    out = fd.dropout_linear(x, weight, bias, 0.5, seed=1)
+    want = F.linear(fd.dropout(x, 0.5, seed=1), weight, bias)
+    assert_bitwise_equal(out, want)
+    grad = torch.ones_like(out)
+    for got, expected in zip(grads_of(out, (x, weight, bias), grad), grads_of(want, (x, weight, bias), grad)):
+        assert_bitwise_equal(got, expected)
+
+
 def test_any_layout_and_shared_dims():
     x = random_input((4, 16, 6), seed=1).transpose(1, 2).requires_grad_()  # not contiguous
     weight = random_input((5, 16), seed=2).requires_grad_()

@@ -4,6 +4,7 @@
 // weight's gradient and replays the mask on grad_output @ weight for the input's: compositions
 // of differentiable ops, so double backward works.
 #include <ATen/ops/matmul.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "autograd.h"
@@ -12,6 +13,12 @@
 
 namespace fused_dropout {
 namespace {
+
+// t as rows of its last dim: (*, n) -> (prod(*), n), a vector as one row. Unlike reshape(-1, n)
+// it also takes n = 0.
+at::Tensor as_rows(const at::Tensor& t) {
+  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
+}
 
 struct DropoutLinearBackward : public Node {
   torch::autograd::SavedVariable input, weight, rng_state;
@@ -36,7 +43,7 @@ struct DropoutLinearBackward : public Node {
     if (should_compute_output(0)) grad_inputs[0] = replay(grad.matmul(weight.unpack()), state, p, shared_dims);
     if (should_compute_output(1)) {
       const at::Tensor dropped = replay(input.unpack(), state, p, shared_dims);
-      grad_inputs[1] = grad.reshape({-1, grad.size(-1)}).t().mm(dropped.reshape({-1, dropped.size(-1)}));
+      grad_inputs[1] = as_rows(grad).t().mm(as_rows(dropped));
     }
     if (should_compute_output(2)) grad_inputs[2] = sum_to_last_dim(grad);
     return grad_inputs;
