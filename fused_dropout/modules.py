@@ -615,27 +615,15 @@ def _fusable_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not _has_hooks(module)
 
 
-def _lora_layer_classes():
-    """PEFT's LoraLayer and its Linear layer when PEFT is imported (a model with LoRA layers has
-    imported it), else None."""
+def _lora_layer_class():
+    """PEFT's LoraLayer when PEFT is imported (a model with LoRA layers has imported it), else None."""
     if "peft" not in sys.modules:
         return None
     try:
-        from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return None
-    return LoraLayer, LoraLinear
-
-
-def _runs_lora_on_a_linear(layer: nn.Module, classes) -> bool:
-    """A LoRA layer whose adapters run ``lora_B(lora_A(lora_dropout(x)))`` on the input: PEFT's
-    Linear (an ``nn.Linear`` base, or transformers' ``Conv1D`` in GPT-2), or another LoraLayer on
-    an ``nn.Linear`` (the quantised ones)."""
-    lora_layer, lora_linear = classes
-    return isinstance(layer, lora_linear) or (
-        isinstance(layer, lora_layer) and isinstance(layer.get_base_layer(), nn.Linear)
-    )
+    return LoraLayer
 
 
 # Activations whose backward needs their input: fused with the dropout after them, they keep
@@ -668,12 +656,13 @@ def _fuse_linears(model: nn.Module, before_activations: bool) -> List[str]:
             fused.train(dropout.training)
             module._modules[first] = nn.Identity()
             module._modules[second] = fused
-    classes = _lora_layer_classes()
-    if classes is None:
+    lora_layer = _lora_layer_class()
+    if lora_layer is None:
         return []
     variants = []
     for layer_name, layer in model.named_modules():
-        if not _runs_lora_on_a_linear(layer, classes):
+        # An nn.Linear base only: a LoRA layer on GPT-2's Conv1D keeps its dropout module, swapped alone.
+        if not isinstance(layer, lora_layer) or not isinstance(layer.get_base_layer(), nn.Linear):
             continue
         for adapter in list(layer.lora_A.keys()):
             p = _plain_dropout_p(layer.lora_dropout[adapter]) if adapter in layer.lora_dropout else None

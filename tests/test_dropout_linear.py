@@ -377,29 +377,16 @@ def test_multiple_adapters_fuse_and_dora_is_left_apart_with_a_warning():
     model(input_ids=ids, labels=ids).loss.backward()
 
 
-def test_lora_on_gpt2s_conv1d_fuses_and_trains_as_the_unfused_one():
+def test_lora_on_gpt2s_conv1d_keeps_its_dropout_module():
+    # Only LoRA layers on an nn.Linear fuse; on transformers' Conv1D the dropout is swapped alone.
     peft = import_peft()
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=64)
-    torch.manual_seed(0)
-    lora = peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    lora = peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
     model = peft.get_peft_model(transformers.GPT2LMHeadModel(config), lora)
-    unfused = copy.deepcopy(model)
-    fd.replace_dropout(unfused, fuse_linears=False, functional=True)
     fd.replace_dropout(model, functional=True)
-    assert type(model.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"]) is fd.FusedDropoutLinear
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for m in (model, unfused):
-        torch.manual_seed(5)
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss)
-    assert_bitwise_equal(losses[0], losses[1])
-    fused_grads, unfused_grads = lora_parameters(model), lora_parameters(unfused)
-    assert fused_grads.keys() == unfused_grads.keys()
-    for name in fused_grads:
-        assert_bitwise_equal(fused_grads[name].grad, unfused_grads[name].grad)
+    c_attn = model.base_model.model.transformer.h[0].attn.c_attn
+    assert type(c_attn.lora_dropout["default"]) is fd.FusedDropout and type(c_attn.lora_A["default"]) is nn.Linear
 
 
 def test_fx_traces_the_module_and_inductor_compiles_it():
