@@ -167,6 +167,21 @@ def test_vmap_over_a_weight_per_sample():
         torch.testing.assert_close(got[i], fd.dropout_linear(x[i], weights[i], biases[i], 0.5, seed=3))
 
 
+def test_per_sample_gradients_by_vmap_of_grad():
+    x, y = random_input((5, 8)), random_input((5, 3), seed=2)
+    params = {"weight": random_input((3, 8), seed=3), "bias": random_input((3,), seed=4)}
+
+    def loss(params, x, y):
+        out = fd.dropout_linear(x.unsqueeze(0), params["weight"], params["bias"], 0.3, seed=3)
+        return (out - y).square().sum()
+
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):
+        one = torch.func.grad(loss)(params, x[i], y[i])
+        for name in params:
+            torch.testing.assert_close(per_sample[name][i], one[name])
+
+
 def test_compile_fullgraph_export_and_fake_tensors():
     x, weight, b = operands((4, 32))
 
