@@ -286,21 +286,28 @@ def test_replace_dropout_fuses_dropout_before_linear_in_sequentials():
     assert type(off[1]) is nn.Linear
 
 
-def test_replace_dropout_in_a_torchvision_classifier_head():
+@pytest.mark.parametrize(
+    "name, heads", [("alexnet", 2), ("mobilenet_v2", 1), ("mobilenet_v3_small", 1), ("mnasnet0_5", 1)]
+)
+def test_replace_dropout_in_torchvision_classifier_heads(name, heads):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v3_small(num_classes=10)  # ... Dropout, Linear
-    keys = list(model.state_dict())
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)  # ... Dropout, Linear
+    state = copy.deepcopy(model.state_dict())
     x = random_input((2, 3, 64, 64))
     model.eval()
-    want = model(x)
+    with torch.no_grad():
+        want = model(x)
     fd.replace_dropout(model)
-    assert type(model.classifier[3]) is fd.FusedDropoutLinear and type(model.classifier[2]) is nn.Identity
-    assert list(model.state_dict()) == keys
-    assert_bitwise_equal(model(x), want)
+    fused = [m for m in model.modules() if isinstance(m, fd.FusedDropoutLinear)]
+    assert len(fused) == heads and not any(isinstance(m, (nn.Dropout, fd.FusedDropout)) for m in model.classifier)
+    model.load_state_dict(state, strict=True)
+    assert list(model.state_dict()) == list(state)
+    with torch.no_grad():
+        assert_bitwise_equal(model(x), want)
     model.train()
-    model(x).sum().backward()
-    assert model.classifier[3].weight.grad is not None
+    model(x).logsumexp(1).sum().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in fused)
 
 
 def import_peft():
@@ -353,6 +360,49 @@ def test_lora_adapters_fuse_and_train_as_the_unfused_ones():
     assert fused_grads.keys() == unfused_grads.keys()
     for name in fused_grads:
         assert_bitwise_equal(fused_grads[name].grad, unfused_grads[name].grad)
+
+
+def small_transformer(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "bert":
+        config = transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=64
+        )
+        return transformers.BertForMaskedLM._from_config(config, attn_implementation="eager"), ["query", "value"]
+    config = transformers.T5Config(
+        num_layers=2, d_model=32, num_heads=2, d_ff=64, d_kv=16, vocab_size=64, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration._from_config(config), ["q", "v", "wi", "wo"]
+
+
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_lora_on_bert_and_t5_keeps_eval_outputs_and_trains_as_unfused(name):
+    peft = import_peft()
+    model, targets = small_transformer(name)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_dropout=0.2, target_modules=targets))
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).logits
+    unfused = copy.deepcopy(model)
+    fd.replace_dropout(unfused, fuse_linears=False, functional=True)
+    fd.replace_dropout(model, functional=True)
+    lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    fused = [m for m in model.modules() if isinstance(m, fd.FusedDropoutLinear)]
+    assert lora_layers and len(fused) == len(lora_layers)  # one adapter in each
+    with torch.no_grad():
+        assert_bitwise_equal(model(input_ids=ids, labels=ids).logits, want)
+    losses = []
+    for m in (model.train(), unfused.train()):
+        torch.manual_seed(5)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert_bitwise_equal(losses[0], losses[1])
+    fused_grads, unfused_grads = lora_parameters(model), lora_parameters(unfused)
+    for parameter in fused_grads:
+        assert_bitwise_equal(fused_grads[parameter].grad, unfused_grads[parameter].grad)
 
 
 def test_lora_adapters_save_load_and_merge(tmp_path):
