@@ -176,7 +176,8 @@ def test_ddp_two_cpu_ranks(functional):
 
 
 class LoraLike(nn.Module):
-    """A frozen Linear with a trainable dropout + A + B adapter beside it, as a LoRA layer runs."""
+    """A frozen Linear whose output passes a functional dropout (as transformers' attention
+    calls F.dropout), beside a trainable dropout + A + B adapter, as a LoRA layer runs."""
 
     def __init__(self):
         super().__init__()
@@ -186,7 +187,26 @@ class LoraLike(nn.Module):
         self.b = nn.Linear(4, 16)
 
     def forward(self, x):
-        return (self.base(x) + self.b(self.a(x))).square().mean()
+        base = nn.functional.dropout(self.base(x), 0.2, self.training)
+        return (base + self.b(self.a(x))).square().mean()
+
+
+def _torch_dropout_calls(run):
+    """How many times torch's own dropout kernels (native_dropout, bernoulli) ran in run()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if "bernoulli" in name or "native_dropout" in name:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.calls
 
 
 def _fsdp2_worker(rank, world, port, results):
@@ -194,29 +214,83 @@ def _fsdp2_worker(rank, world, port, results):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = LoraLike()
+    model = replace_dropout(LoraLike(), functional=True)
     fully_shard(model.a)
     fully_shard(model.b)
     fully_shard(model)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
     torch.manual_seed(100 + rank)  # each rank its own masks
-    model(x).backward()
-    results[rank] = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.requires_grad}
+    calls = _torch_dropout_calls(lambda: model(x).backward())
+    results[rank] = {
+        "torch_dropout_calls": calls,
+        **{name: p.grad.full_tensor() for name, p in model.named_parameters() if p.requires_grad},
+    }
     dist.destroy_process_group()
 
 
-def test_fsdp2_two_cpu_ranks_shard_a_fused_dropout_linear():
+def test_fsdp2_two_cpu_ranks_with_fused_dropout_linear_and_functional_mode():
     pytest.importorskip("torch.distributed.fsdp", reason="torch lacks FSDP2")
     port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_fsdp2_worker, args=(2, port, results), nprocs=2, join=True)
     # The unsharded model, each rank's batch with that rank's masks, gradients averaged as FSDP's are.
-    model = LoraLike()
+    model = replace_dropout(LoraLike(), functional=True)
     for rank in range(2):
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
         torch.manual_seed(100 + rank)
         (model(x) / 2).backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            for rank in range(2):
+    for rank in range(2):
+        assert results[rank]["torch_dropout_calls"] == 0  # the functional call ran fused too
+        for name, p in model.named_parameters():
+            if p.requires_grad:
                 torch.testing.assert_close(results[rank][name], p.grad)
+
+
+class Classifier(nn.Module):
+    """A head with a dropout module before a Linear and a functional dropout in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+
+    def forward(self, x):
+        return self.layers(nn.functional.dropout(x, 0.1, self.training))
+
+
+def test_lightning_trains_the_fused_model_and_its_checkpoint_loads_into_the_stock_one(tmp_path):
+    lightning = pytest.importorskip("lightning", reason="lightning is not installed")
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = replace_dropout(Classifier(), functional=True)
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+    module = Module()
+    assert isinstance(module.model.layers[3], fused_dropout.FusedDropoutLinear)
+    trainer = lightning.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    calls = _torch_dropout_calls(lambda: trainer.fit(module, data))
+    assert calls == 0 and trainer.global_step == 4
+    trainer.save_checkpoint(tmp_path / "fused.ckpt")
+    state = torch.load(tmp_path / "fused.ckpt", weights_only=True)["state_dict"]
+    stock = Classifier()
+    stock.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+    stock.eval(), module.model.eval()
+    assert torch.equal(stock(x), module.model(x))
