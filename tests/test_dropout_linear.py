@@ -417,6 +417,10 @@ def test_lora_adapters_save_load_and_merge(tmp_path):
     assert_bitwise_equal(loaded(input_ids=ids).logits, want)
     fd.replace_dropout(loaded)
     assert_bitwise_equal(loaded(input_ids=ids).logits, want)
+    model.load_adapter(tmp_path, adapter_name="again")  # into the fused model, as a second adapter
+    model.set_adapter("again")
+    assert_bitwise_equal(model(input_ids=ids).logits, want)
+    model.set_adapter("default")
     merged = model.merge_and_unload()
     assert not any(isinstance(m, fd.FusedDropoutLinear) for m in merged.modules())
     torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
