@@ -219,10 +219,28 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
     for name, fn in variants.items():
         seconds = timer(lambda: fn(next_x(), next_residual()))
         results.append(result_row(dtype, rows_count * width, name, "forward", seconds, counted))
-    fused = [r for r in results if r["variant"] == "add: fused_dropout"][0]
-    for ref, label in (("eager", "F.dropout"), ("compiled", "compiled F.dropout")):
-        match = [r for r in results if r["variant"] == f"add: {ref}"]
-        add_speedup(fused, match[0] if match else None, label)
+    if es == 2:
+        # The mixed-precision residual stream: a float32 residual beside the 2-byte branch, the
+        # sum in float32 (x read, the residual read and the output written in float32).
+        wide = [t.float() for t in inputs]
+        next_wide = cycle(wide)
+        mixed = {
+            "add, float32 residual: eager": eager,
+            "add, float32 residual: fused_dropout": variants["add: fused_dropout"],
+        }
+        if compile_too:
+            mixed["add, float32 residual: compiled"] = torch.compile(eager, dynamic=False)
+        for name, fn in mixed.items():
+            seconds = timer(lambda: fn(next_x(), next_wide()))
+            results.append(
+                result_row(dtype, rows_count * width, name, "forward", seconds, rows_count * width * (es + 8))
+            )
+    for prefix in ("add", "add, float32 residual"):
+        fused = [r for r in results if r["variant"] == f"{prefix}: fused_dropout"]
+        for ref, label in (("eager", "F.dropout"), ("compiled", "compiled F.dropout")):
+            match = [r for r in results if r["variant"] == f"{prefix}: {ref}"]
+            if fused:
+                add_speedup(fused[0], match[0] if match else None, label)
     return results
 
 

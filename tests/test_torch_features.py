@@ -403,6 +403,22 @@ def test_dropout_add_with_a_residual_of_another_dtype_is_torchs_composition(
     assert torch.equal(dropped != 0, keep & (pre != 0))
 
 
+@pytest.mark.parametrize("input_dtype,residual_dtype", MIXED, ids=str)
+@pytest.mark.parametrize("shape", [(3, 100_003), (257, 1031)], ids=str)
+def test_a_residual_of_another_dtype_in_one_pass_across_batches_and_threads(input_dtype, residual_dtype, shape):
+    # Long rows, odd widths and a bias: every batch of words, row segment and thread's range of
+    # the CPU's one-pass kernel, against the composition (and a strided residual, which takes it).
+    x = random_input(shape, input_dtype)
+    residual = random_input(shape, residual_dtype, seed=1)
+    bias = random_input(shape[-1:], input_dtype, seed=2)
+    for b in (None, bias):
+        expected = residual + fd.dropout(x if b is None else x + b, 0.3, seed=SEED, offset=3)
+        assert_bitwise_equal(fd.dropout_add(x, residual, 0.3, bias=b, seed=SEED, offset=3), expected)
+    strided = random_input(shape[::-1], residual_dtype, seed=1).t()
+    expected = strided + fd.dropout(x, 0.3, seed=SEED, offset=3)
+    assert_bitwise_equal(fd.dropout_add(x, strided, 0.3, seed=SEED, offset=3), expected)
+
+
 def test_autocast_residual_stream_in_float32():
     lin = nn.Linear(8, 8)
     x = random_input((4, 8), torch.float32)
