@@ -339,6 +339,21 @@ def lora_parameters(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_trains_bit_for_bit_as(model, unfused, ids):
+    """One training step of each from the same seed: the same loss and LoRA gradients, bit for bit."""
+    losses = []
+    for m in (model.train(), unfused.train()):
+        torch.manual_seed(5)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert_bitwise_equal(losses[0], losses[1])
+    fused_grads, unfused_grads = lora_parameters(model), lora_parameters(unfused)
+    assert fused_grads and fused_grads.keys() == unfused_grads.keys()
+    for name in fused_grads:
+        assert_bitwise_equal(fused_grads[name].grad, unfused_grads[name].grad)
+
+
 def test_lora_adapters_fuse_and_train_as_the_unfused_ones():
     _, model = lora_llama()
     unfused = copy.deepcopy(model)
@@ -349,17 +364,7 @@ def test_lora_adapters_fuse_and_train_as_the_unfused_ones():
     assert type(q.lora_dropout["default"]) is nn.Identity and type(q.lora_A["default"]) is fd.FusedDropoutLinear
     assert list(model.state_dict()) == keys
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for m in (model, unfused):
-        torch.manual_seed(5)
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss)
-    assert_bitwise_equal(losses[0], losses[1])
-    fused_grads, unfused_grads = lora_parameters(model), lora_parameters(unfused)
-    assert fused_grads.keys() == unfused_grads.keys()
-    for name in fused_grads:
-        assert_bitwise_equal(fused_grads[name].grad, unfused_grads[name].grad)
+    assert_trains_bit_for_bit_as(model, unfused, ids)
 
 
 def small_transformer(name):
@@ -393,16 +398,7 @@ def test_lora_on_bert_and_t5_keeps_eval_outputs_and_trains_as_unfused(name):
     assert lora_layers and len(fused) == len(lora_layers)  # one adapter in each
     with torch.no_grad():
         assert_bitwise_equal(model(input_ids=ids, labels=ids).logits, want)
-    losses = []
-    for m in (model.train(), unfused.train()):
-        torch.manual_seed(5)
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss)
-    assert_bitwise_equal(losses[0], losses[1])
-    fused_grads, unfused_grads = lora_parameters(model), lora_parameters(unfused)
-    for parameter in fused_grads:
-        assert_bitwise_equal(fused_grads[parameter].grad, unfused_grads[parameter].grad)
+    assert_trains_bit_for_bit_as(model, unfused, ids)
 
 
 def test_lora_adapters_save_load_and_merge(tmp_path):
