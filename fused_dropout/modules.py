@@ -582,25 +582,35 @@ def _runs_in_order(container: nn.Module) -> bool:
     return isinstance(container, nn.Sequential) and type(container).forward is nn.Sequential.forward
 
 
+def _adjacent_in_order(model: nn.Module):
+    """(container, before, first, second) for each pair of adjacent children of every
+    plain-running nn.Sequential in ``model``: the names of the pair, and the module before the
+    first (or None). Modules are read as the walk reaches them, so a pair fused in a slot is
+    what the next pair sees."""
+    for module in list(model.modules()):
+        if not _runs_in_order(module):
+            continue
+        names = list(module._modules.keys())
+        for index, (first, second) in enumerate(zip(names, names[1:])):
+            before = module._modules[names[index - 1]] if index > 0 else None
+            yield module, before, first, second
+
+
 def _fuse_activations(model: nn.Module) -> None:
     # An activation directly followed by an nn.Dropout inside a plain-running nn.Sequential
     # becomes one FusedActDropout in the activation's slot and an nn.Identity in the
     # dropout's, so every index, and with it every state_dict key, stays where it was
     # (neither module has state). A pair with a hook on either module is left unfused: no one
     # module could call both modules' hooks with what they saw.
-    for module in list(model.modules()):
-        if not _runs_in_order(module):
+    for module, _, first, second in _adjacent_in_order(model):
+        activation, dropout = module._modules[first], module._modules[second]
+        name = _activation_name(activation) if activation is not None else None
+        if name is None or type(dropout) is not nn.Dropout or _has_hooks(activation) or _has_hooks(dropout):
             continue
-        names = list(module._modules.keys())
-        for first, second in zip(names, names[1:]):
-            activation, dropout = module._modules[first], module._modules[second]
-            name = _activation_name(activation) if activation is not None else None
-            if name is None or type(dropout) is not nn.Dropout or _has_hooks(activation) or _has_hooks(dropout):
-                continue
-            fused = FusedActDropout(name, dropout.p)
-            fused.train(dropout.training)
-            module._modules[first] = fused
-            module._modules[second] = nn.Identity()
+        fused = FusedActDropout(name, dropout.p)
+        fused.train(dropout.training)
+        module._modules[first] = fused
+        module._modules[second] = nn.Identity()
 
 
 def _plain_dropout_p(module: nn.Module) -> Optional[float]:
@@ -640,22 +650,17 @@ def _fuse_linears(model: nn.Module, before_activations: bool) -> List[str]:
     and in each vanilla adapter of a PEFT LoRA layer on an nn.Linear (``lora_dropout[name]`` and
     ``lora_A[name]``, whose forward is ``lora_B(lora_A(lora_dropout(x)))``). Returns the adapters
     left unfused because a LoRA variant (DoRA and others) uses the dropped input beyond lora_A."""
-    for module in list(model.modules()):
-        if not _runs_in_order(module):
+    for module, before, first, second in _adjacent_in_order(model):
+        dropout, linear = module._modules[first], module._modules[second]
+        p = _plain_dropout_p(dropout) if dropout is not None else None
+        if p is None or linear is None or not _fusable_linear(linear):
             continue
-        names = list(module._modules.keys())
-        for index, (first, second) in enumerate(zip(names, names[1:])):
-            dropout, linear = module._modules[first], module._modules[second]
-            p = _plain_dropout_p(dropout) if dropout is not None else None
-            if p is None or linear is None or not _fusable_linear(linear):
-                continue
-            before = module._modules[names[index - 1]] if index > 0 else None
-            if before_activations and before is not None and _activation_name(before) in _FUSE_WITH_ACTIVATION:
-                continue
-            fused = FusedDropoutLinear.from_linear(linear, p)
-            fused.train(dropout.training)
-            module._modules[first] = nn.Identity()
-            module._modules[second] = fused
+        if before_activations and before is not None and _activation_name(before) in _FUSE_WITH_ACTIVATION:
+            continue
+        fused = FusedDropoutLinear.from_linear(linear, p)
+        fused.train(dropout.training)
+        module._modules[first] = nn.Identity()
+        module._modules[second] = fused
     lora_layer = _lora_layer_class()
     if lora_layer is None:
         return []
@@ -731,7 +736,7 @@ def _fuse_norms(model: nn.Module) -> None:
         norm, drop = module.ln_2, module.dropout
         if not (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1):
             continue
-        if type(drop) not in (nn.Dropout, FusedDropout) or drop.inplace or _has_hooks(norm) or _has_hooks(drop):
+        if _plain_dropout_p(drop) is None or drop.inplace or _has_hooks(norm):
             continue
         fused_class = fused_class or _fused_norm_block_class(EncoderBlock)
         module.__class__ = fused_class
