@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/accumulate.h>
 
 namespace fused_dropout {
 
@@ -95,18 +96,42 @@ void check_shared_dims(const char* op, const at::Tensor& input, at::IntArrayRef 
   shared_dim_flags(op, input, shared_dims);
 }
 
+namespace {
+
+thread_local std::optional<MaskWindow> current_window;
+
+// The window's sizes, after checking that it holds the input.
+at::IntArrayRef window_sizes(const char* op, const at::Tensor& input, const MaskWindow& window) {
+  const int64_t ndim = input.dim();
+  bool holds = static_cast<int64_t>(window.sizes.size()) == ndim && static_cast<int64_t>(window.origin.size()) == ndim;
+  for (int64_t d = 0; holds && d < ndim; ++d) {
+    holds = window.origin[d] >= 0 && window.origin[d] + input.size(d) <= window.sizes[d];
+  }
+  TORCH_CHECK(holds, op, ": the shard's window in the whole DTensor (sizes ", at::IntArrayRef(window.sizes),
+              ", origin ", at::IntArrayRef(window.origin), ") does not hold the local input of shape ", input.sizes());
+  return window.sizes;
+}
+
+}  // namespace
+
+void set_mask_window(std::optional<MaskWindow> window) { current_window = std::move(window); }
+
 MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims) {
   const int64_t ndim = input.dim();
   const std::array<bool, kMaxDims> is_shared = shared_dim_flags(op, input, shared_dims);
+  const at::IntArrayRef sizes = current_window ? window_sizes(op, input, *current_window) : input.sizes();
   MaskLayout layout;
   layout.numel = 1;
+  int64_t local_stride = 1;  // the row-major stride of dim d in the input
   for (int64_t d = ndim - 1; d >= 0; --d) {
-    const int64_t size = is_shared[d] ? 1 : input.size(d);
     layout.strides[d] = is_shared[d] ? 0 : layout.numel;
-    layout.numel *= size;
-    layout.shared = layout.shared || (is_shared[d] && input.size(d) > 1);
+    if (current_window) layout.origin += current_window->origin[d] * layout.strides[d];
+    layout.numel *= is_shared[d] ? 1 : sizes[d];
+    layout.row_major = layout.row_major && (input.size(d) == 1 || layout.strides[d] == local_stride);
+    local_stride *= input.size(d);
   }
-  if (input.numel() == 0) layout.numel = 0;
+  layout.row_major = layout.row_major && layout.origin == 0;
+  if (c10::multiply_integers(sizes) == 0) layout.numel = 0;
   return layout;
 }
 

@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -20,12 +21,28 @@ namespace fused_dropout {
 // shared dims set to 1 (one mask value for every index along them), and the mask rule's
 // index i is the row-major index in the mask shape. strides[d] is the row-major stride of
 // dim d in the mask shape, or 0 for a shared dim, so an element's mask index is
-// sum(index[d] * strides[d]).
+// origin + sum(index[d] * strides[d]). For a shard of a DTensor (MaskWindow below) the mask
+// shape is the whole tensor's and origin the index of the shard's first element in it;
+// otherwise origin is 0.
 struct MaskLayout {
-  int64_t numel = 0;    // elements in the mask shape
-  bool shared = false;  // true when some dim of size > 1 is shared
+  int64_t numel = 0;      // elements in the mask shape
+  bool row_major = true;  // every element's mask index is its row-major index in the input
+  int64_t origin = 0;
   std::array<int64_t, kMaxDims> strides{};
 };
+
+// Where a shard of a DTensor sits in the whole tensor: the whole tensor's sizes and the
+// shard's first index along each dim. While a window is set on the calling thread, mask_layout
+// indexes the whole tensor's mask shape, so that each shard draws its slice of the mask the
+// whole tensor would draw (docs/design.md, "Distributed"). The DTensor handlers of
+// fused_dropout/distributed.py set it around each call on a shard.
+struct MaskWindow {
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> origin;
+};
+
+// Sets (or, with nullopt, clears) the calling thread's window.
+void set_mask_window(std::optional<MaskWindow> window);
 
 bool is_float_dtype(at::ScalarType dtype);
 
@@ -59,7 +76,8 @@ void check_bias(const char* op, const at::Tensor& input, const std::optional<at:
 // shared_dims: dims of the input (negative ones count from the end), each named once.
 void check_shared_dims(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims);
 
-// The mask layout of `input` for the given (checked) shared dims.
+// The mask layout of `input` for the given (checked) shared dims, in the window where one is
+// set.
 MaskLayout mask_layout(const char* op, const at::Tensor& input, at::IntArrayRef shared_dims);
 
 }  // namespace fused_dropout

@@ -28,6 +28,7 @@ struct MergedLayout {
   int64_t ndim = 0;
   int64_t sizes[kMaxDims] = {};
   int64_t strides[kOperands][kMaxDims] = {};
+  int64_t mask_origin = 0;  // the mask index of the first element (a DTensor shard's; else 0)
 
   C10_HOST_DEVICE int64_t inner() const { return ndim > 0 ? sizes[ndim - 1] : 1; }
   C10_HOST_DEVICE int64_t inner_stride(int operand) const { return ndim > 0 ? strides[operand][ndim - 1] : 0; }
@@ -74,6 +75,7 @@ inline MergedLayout merge_dims_in_memory_order(int64_t ndim, const int64_t* size
 // output, residual) and the mask index is walk index / row size: a mask shared along the
 // trailing dims of a dense tensor (stochastic depth per sample, dropout2d of NCHW). Else 0.
 inline int64_t shared_row_size(const MergedLayout& layout) {
+  if (layout.mask_origin != 0) return 0;
   const auto dense = [&](int k) {
     return layout.ndim == 1 ? layout.strides[k][0] == 1
                             : layout.strides[k][1] == 1 && layout.strides[k][0] == layout.sizes[1];

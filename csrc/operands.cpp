@@ -13,7 +13,9 @@ std::array<const int64_t*, kOperands> operand_strides(const at::Tensor& input, c
 
 MergedLayout merged_layout(const at::Tensor& input, const at::Tensor& output, const MaskLayout& mask,
                            const at::Tensor& second) {
-  return merge_dims(input.dim(), input.sizes().data(), operand_strides(input, output, mask, second));
+  MergedLayout layout = merge_dims(input.dim(), input.sizes().data(), operand_strides(input, output, mask, second));
+  layout.mask_origin = mask.origin;
+  return layout;
 }
 
 at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {

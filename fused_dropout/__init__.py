@@ -12,7 +12,7 @@ from ._load import load_extension
 
 _C = load_extension()
 
-from . import ops
+from . import distributed, ops
 from .functional import (
     act_dropout,
     alpha_dropout,
@@ -51,6 +51,8 @@ from .ops import philox4x32_10
 
 __version__ = "0.1.0"
 
+distributed._install()
+
 
 def has_cuda_kernels() -> bool:
     """True when this build of the extension has its CUDA kernels compiled in."""
@@ -73,6 +75,7 @@ __all__ = [
     "FusedStochasticDepth",
     "act_dropout",
     "alpha_dropout",
+    "distributed",
     "drop_path_add",
     "dropout",
     "dropout1d",

@@ -218,6 +218,9 @@ struct StridedCase {
   std::vector<int64_t> res;          // empty: row-major
   std::vector<int64_t> shared_dims;  // dims with one mask value
   bool wide_index = false;           // 64-bit index math, as for tensors of 2^31 elements or more
+  // A DTensor shard's mask window (checks.h): the whole tensor's sizes and the shard's first
+  // index along each dim; empty: the input is the whole tensor.
+  std::vector<int64_t> whole_sizes = {}, shard_origin = {};
 };
 
 std::vector<int64_t> row_major(const std::vector<int64_t>& sizes) {
@@ -260,7 +263,9 @@ template <typename T, bool kTwoOperands, TestRule kRule = TestRule::kDropout>
 bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   constexpr bool kBias = kTwoOperands || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
   const std::vector<int64_t> res_strides = c.res.empty() ? row_major(c.sizes) : c.res;
-  const std::vector<int64_t> mask = mask_strides(c.sizes, c.shared_dims);
+  const std::vector<int64_t> mask = mask_strides(c.whole_sizes.empty() ? c.sizes : c.whole_sizes, c.shared_dims);
+  int64_t mask_origin = 0;
+  for (size_t d = 0; d < c.shard_origin.size(); ++d) mask_origin += c.shard_origin[d] * mask[d];
   const int64_t numel = std::accumulate(c.sizes.begin(), c.sizes.end(), int64_t{1}, std::multiplies<>());
   std::normal_distribution<float> normal;
   const auto fresh = [&](int64_t n) {
@@ -280,7 +285,7 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   const std::array<const int64_t*, kOperands> strides = {c.in.data(), c.out.data(), mask.data(), res_strides.data()};
   const int64_t ndim = static_cast<int64_t>(c.sizes.size());
   const LaunchPlan plan =
-      plan_launch(numel, step_elems<T>(), /*row_major=*/false, kBias, ndim, c.sizes.data(), strides);
+      plan_launch(numel, step_elems<T>(), /*row_major=*/false, kBias, ndim, c.sizes.data(), strides, mask_origin);
   const bool row_shared = plan.kernel == LaunchPlan::Kernel::kRowShared;
   row_shared_launches += row_shared;
   const int64_t blocks = std::max<int64_t>(1, (plan.work_items + kThreads - 1) / kThreads);
@@ -297,7 +302,7 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
   }
   // The plain walk: every logical index, its offsets from the unmerged strides.
   for (int64_t linear = 0; linear < numel; ++linear) {
-    int64_t rest = linear, in_offset = 0, out_offset = 0, res_offset = 0, mask_index = 0, column = 0;
+    int64_t rest = linear, in_offset = 0, out_offset = 0, res_offset = 0, mask_index = mask_origin, column = 0;
     for (int64_t d = static_cast<int64_t>(c.sizes.size()) - 1; d >= 0; --d) {
       const int64_t index = rest % c.sizes[d];
       rest /= c.sizes[d];
@@ -350,6 +355,33 @@ std::vector<StridedCase> strided_cases() {
   cases.push_back({"per sample, residual transposed", {6, 40}, {40, 1}, {40, 1}, {1, 6}, {1}});
   cases.push_back({"per sample, short rows", {9, 2}, {2, 1}, {2, 1}, {}, {1}});
   cases.push_back({"one mask value", samples, row_major(samples), row_major(samples), {}, {0, 1, 2, 3}});
+  // Shards of a DTensor: the mask index starts at the shard's origin in the whole tensor's mask
+  // (an origin that is not a multiple of 4) and steps by the whole tensor's strides.
+  const std::vector<int64_t> shard = {5, 3, 7};
+  cases.push_back(
+      {"shard of the middle dim", shard, row_major(shard), row_major(shard), {}, {}, false, {5, 7, 7}, {0, 3, 0}});
+  cases.push_back(
+      {"shard of the last dim", shard, row_major(shard), row_major(shard), {}, {}, false, {5, 3, 9}, {0, 0, 1}});
+  cases.push_back(
+      {"shard of dim 0, 64-bit index", shard, row_major(shard), row_major(shard), {}, {}, true, {11, 3, 7}, {5, 0, 0}});
+  cases.push_back({"shard of dim 0, per sample",
+                   shard,
+                   row_major(shard),
+                   row_major(shard),
+                   {},
+                   {1, 2},
+                   false,
+                   {11, 3, 7},
+                   {5, 0, 0}});
+  cases.push_back({"shard, channels_last, dropout2d",
+                   nchw,
+                   channels_last,
+                   channels_last,
+                   {},
+                   {2, 3},
+                   false,
+                   {2, 19, 7, 9},
+                   {0, 3, 0, 0}});
   return cases;
 }
 

@@ -27,6 +27,7 @@ struct RowWalk {
 
   void seek(int64_t row) {
     offset.fill(0);
+    offset[kMask] = layout.mask_origin;
     for (int64_t d = layout.ndim - 2; d >= 0; --d) {
       index[d] = row % layout.sizes[d];
       row /= layout.sizes[d];
@@ -209,7 +210,8 @@ void apply(const at::Tensor& input, const at::Tensor& residual, const at::Tensor
            const MaskLayout& mask, RngState state, const Rule& rule) {
   if (input.numel() == 0) return;
   const CpuOperands<scalar_t> ops(input, residual, bias, output);
-  if (!mask.shared && input.is_contiguous() && output.is_contiguous() && (!kTwoOperands || residual.is_contiguous())) {
+  if (mask.row_major && input.is_contiguous() && output.is_contiguous() &&
+      (!kTwoOperands || residual.is_contiguous())) {
     apply_row_major<scalar_t, kTwoOperands>(ops, input.numel(), state, rule);
   } else {
     apply_by_runs<scalar_t, kTwoOperands>(ops, merged_layout(input, output, mask, residual), input.numel(), state,

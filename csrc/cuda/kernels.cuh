@@ -181,7 +181,7 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
   index_t rest = static_cast<index_t>(linear);
   int64_t inner_index = 0;
 #pragma unroll
-  for (int k = 0; k < kOperands; ++k) offset[k] = 0;
+  for (int k = 0; k < kOperands; ++k) offset[k] = k == kMask ? layout.mask_origin : 0;
   for (int64_t d = layout.ndim - 1; d >= 0; --d) {
     const index_t size = static_cast<index_t>(layout.sizes[d]);
     const index_t index = rest % size;

@@ -108,9 +108,9 @@ void launch(const at::Tensor& input, const at::Tensor& second, const at::Tensor&
   const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kTwoOperands || aligned(ops.res));
   const bool with_bias = kTakesBias && ops.bias != nullptr;
   const bool row_major =
-      !mask.shared && input.is_contiguous() && output.is_contiguous() && (!kTwoOperands || second.is_contiguous());
+      mask.row_major && input.is_contiguous() && output.is_contiguous() && (!kTwoOperands || second.is_contiguous());
   const LaunchPlan plan = plan_launch(ops.numel, kStep, row_major, ops.bias != nullptr, input.dim(),
-                                      input.sizes().data(), operand_strides(input, output, mask, second));
+                                      input.sizes().data(), operand_strides(input, output, mask, second), mask.origin);
   const int grid = grid_for(plan.work_items);
   switch (plan.kernel) {
     case LaunchPlan::Kernel::kRowMajor:

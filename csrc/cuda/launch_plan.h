@@ -27,9 +27,11 @@ struct LaunchPlan {
 // column is the logical index modulo the last dim); otherwise the walk follows the output's
 // memory, so that a warp touches whole cache lines of a channels_last or permuted tensor.
 // A mask shared along trailing dims whose rows are at least a step long goes to the row-shared
-// kernel; anything else to the strided one.
+// kernel; anything else to the strided one. `mask_origin`: the mask index of the first element
+// (MergedLayout).
 inline LaunchPlan plan_launch(int64_t numel, int64_t step, bool row_major, bool with_bias, int64_t ndim,
-                              const int64_t* sizes, const std::array<const int64_t*, kOperands>& strides) {
+                              const int64_t* sizes, const std::array<const int64_t*, kOperands>& strides,
+                              int64_t mask_origin = 0) {
   LaunchPlan plan;
   const int64_t steps = (numel + step - 1) / step;
   if (row_major) {
@@ -37,6 +39,7 @@ inline LaunchPlan plan_launch(int64_t numel, int64_t step, bool row_major, bool 
     return plan;
   }
   plan.layout = with_bias ? merge_dims(ndim, sizes, strides) : merge_dims_in_memory_order(ndim, sizes, strides, kOut);
+  plan.layout.mask_origin = mask_origin;
   if (const int64_t row_size = shared_row_size(plan.layout); row_size >= step) {
     plan.kernel = LaunchPlan::Kernel::kRowShared;
     plan.row_size = row_size;

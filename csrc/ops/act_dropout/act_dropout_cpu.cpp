@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> act_dropout_cpu(const at::Tensor& input, cons
   const RngState state = draw_state(seed, offset, generator);
   const at::Tensor bias_contiguous = contiguous_bias(bias);
   if (runs_activation_through_aten(act)) {
-    if (!layout.shared && input.is_contiguous()) {
+    if (layout.row_major && input.is_contiguous()) {
       at::Tensor output = new_output(input);
       if (input.numel() > 0) act_dropout_by_blocks(input, bias_contiguous, output, state, p, act);
       return {output, state_tensor(state)};
@@ -164,7 +164,7 @@ at::Tensor act_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& in
   at::Tensor grad_input = new_output(input);
   if (input.numel() == 0) return grad_input;
   if (runs_activation_through_aten(act)) {
-    if (!layout.shared && input.is_contiguous() && grad.is_contiguous()) {
+    if (layout.row_major && input.is_contiguous() && grad.is_contiguous()) {
       act_dropout_backward_by_blocks(grad, input, bias_contiguous, grad_input, state, p, act);
     } else {
       // Any other layout: the replayed gradient, then ATen's activation backward over it.

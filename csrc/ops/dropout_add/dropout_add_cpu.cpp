@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_mixed_cpu(const at::Tensor& input
                                                          std::optional<int64_t> seed, int64_t offset,
                                                          std::optional<at::Generator> generator,
                                                          at::IntArrayRef shared_dims, const MaskLayout& layout) {
-  if (layout.shared || !input.is_contiguous() || !residual.is_contiguous() || input.scalar_type() == at::kHalf) {
+  if (!layout.row_major || !input.is_contiguous() || !residual.is_contiguous() || input.scalar_type() == at::kHalf) {
     return dropout_add_promoted(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
   }
   // A contiguous input's output keeps its strides: contiguous too.

@@ -52,9 +52,10 @@ struct NormRows {
   sum_t eps;
   bool rms;
 
-  // The mask index of the row's first element: the outer dims' indices times the mask strides.
+  // The mask index of the row's first element: the mask's origin plus the outer dims' indices
+  // times the mask strides.
   int64_t mask_base(int64_t row) const {
-    int64_t base = 0;
+    int64_t base = mask.origin;
     for (int64_t d = input.dim() - 2; d >= 0; --d) {
       base += (row % input.size(d)) * mask.strides[d];
       row /= input.size(d);

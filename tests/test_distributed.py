@@ -1,0 +1,355 @@
+"""The fused ops on DTensors, on two gloo ranks of this machine: a sharded call equals the call
+on the full tensor bit for bit, forward and backward, on every placement.
+
+Each test module spawns its ranks once (a few seconds) and runs every case in them; the
+parametrized tests below then read each case's outcome, so a failure names its op and
+placement.
+"""
+
+import os
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fused_dropout as fd
+
+from helpers import free_port
+
+dtensor = pytest.importorskip("torch.distributed.tensor", reason="torch lacks DTensor")
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor  # noqa: E402
+
+WORLD = 2
+SEED, OFFSET = 1234, 3  # an offset that is not a multiple of 4 moves every Philox group
+PLACEMENTS = {"replicate": Replicate(), "shard0": Shard(0), "shard1": Shard(1), "shard_last": Shard(-1)}
+SHAPES = {"even": (4, 6, 8), "uneven": (9, 7, 3)}  # (9, 7, 3): shards of 5 and 4, 4 and 3, 2 and 1
+
+
+def _tensor(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _last_dim_vector(shape, seed):
+    return _tensor(shape[-1:], seed)
+
+
+# Each form as f(x, extras, randomness) -> output, with the 1-D extras along the last dim and
+# the tensors that line up with x. `randomness` is seed=... or nothing (the default generator).
+FORMS = {
+    "dropout": lambda x, e, r: fd.dropout(x, 0.4, **r),
+    "dropout_shared_dims": lambda x, e, r: fd.dropout(x, 0.4, shared_dims=(1,), **r),
+    "dropout2d": lambda x, e, r: fd.dropout2d(x, 0.4, **r),
+    "alpha_dropout": lambda x, e, r: fd.alpha_dropout(x, 0.3, training=True, **r),
+    "feature_alpha_dropout": lambda x, e, r: fd.feature_alpha_dropout(x, 0.3, training=True, **r),
+    "dropout_add": lambda x, e, r: fd.dropout_add(x, e["residual"], 0.4, bias=e["bias"], **r),
+    "act_dropout_gelu": lambda x, e, r: fd.act_dropout(x, 0.4, activation="gelu", bias=e["bias"], **r),
+    "act_dropout_relu": lambda x, e, r: fd.act_dropout(x, 0.4, activation="relu", **r),
+    "stochastic_depth_row": lambda x, e, r: fd.stochastic_depth(x, 0.5, "row", **r),
+    "stochastic_depth_unscaled": lambda x, e, r: fd.stochastic_depth(x, 0.5, "row", scale_by_keep=False, **r),
+    "drop_path_add": lambda x, e, r: fd.drop_path_add(x, e["residual"], 0.5, **r),
+    "dropout_add_layer_norm": lambda x, e, r: fd.dropout_add_layer_norm(
+        x, e["residual"], e["weight"], e["bias"], 0.4, **r
+    ),
+    "dropout_add_rms_norm": lambda x, e, r: fd.dropout_add_rms_norm(x, e["residual"], e["weight"], 0.4, **r),
+    "dropout_bfloat16": lambda x, e, r: fd.dropout(x.bfloat16(), 0.4, **r),
+    "dropout_add_bfloat16_float32_residual": lambda x, e, r: fd.dropout_add(x.bfloat16(), e["residual"], 0.4, **r),
+    "dropout_linear": lambda x, e, r: fd.dropout_linear(x, e["linear_weight"], e["linear_bias"], 0.4, **r),
+}
+LINED_UP = ("residual",)
+
+
+def _as_torch_linear_fails(mesh, placement, error):
+    """dropout_linear's backward flattens the leading dims as torch's linear does, which DTensor
+    refuses for unevenly sharded ones: the same error as F.linear's own."""
+    x = distribute_tensor(_tensor(SHAPES["uneven"], 1), mesh, [placement]).requires_grad_()
+    w = distribute_tensor(_tensor((5, SHAPES["uneven"][-1]), 14), mesh, [Replicate()])
+    try:
+        nn.functional.linear(x, w).sum().backward()
+    except RuntimeError as torch_error:
+        return "unevenly sharded" in str(torch_error) and "unevenly sharded" in str(error)
+    return False
+
+
+DTENSOR_LIMITS = {"dropout_linear-uneven-shard0": _as_torch_linear_fails}
+ALONG_LAST_DIM = ("bias", "weight")
+
+
+def _extras(shape):
+    return {
+        "residual": _tensor(shape, 11),
+        "bias": _last_dim_vector(shape, 12),
+        "weight": _last_dim_vector(shape, 13) + 1,
+        "linear_weight": _tensor((5, shape[-1]), 14),
+        "linear_bias": _tensor((5,), 15),
+    }
+
+
+def _distribute(extras, mesh, placement):
+    """The extras as DTensors: the lined-up ones in the input's placement, the 1-D ones and
+    the Linear's parameters replicated (each op's handler shards what it needs)."""
+    return {
+        name: distribute_tensor(value.clone().requires_grad_(), mesh, [placement if name in LINED_UP else Replicate()])
+        for name, value in extras.items()
+    }
+
+
+def _grads(tensors):
+    return {name: t.grad for name, t in tensors.items() if t.grad is not None}
+
+
+def _full(value):
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _compare(case, expected, actual):
+    """Bit-equality of every tensor, or a message naming the first that differs. The norm
+    forms' weight and bias gradients are sums over rows, split across ranks: equal to float32
+    rounding there."""
+    for name, want in expected.items():
+        got = _full(actual.get(name))
+        if got is None:
+            return f"{case}: no {name}"
+        rounding_only = name in ("weight", "bias", "linear_weight", "linear_bias") and "shard" in case
+        if rounding_only:
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+                return f"{case}: {name} differs beyond rounding, max {(got - want).abs().max().item()}"
+        elif not torch.equal(got, want):
+            return f"{case}: {name} differs at {int((got != want).sum())} of {want.numel()} elements"
+    return None
+
+
+def _run_form(form, x, extras, randomness):
+    out = FORMS[form](x, extras, randomness)
+    upstream = _tensor(tuple(out.shape), 21)
+    if isinstance(out, DTensor):
+        upstream = distribute_tensor(upstream, out.device_mesh, [Replicate()])
+    (out * upstream).sum().backward()
+    return {"output": out, "input_grad": x.grad, **_grads(extras)}
+
+
+def _placement_cases(mesh, results):
+    for form in FORMS:
+        for shape_name, shape in SHAPES.items():
+            full_input = _tensor(shape, 1)
+            plain_extras = {k: v.clone().requires_grad_() for k, v in _extras(shape).items()}
+            expected = _run_form(
+                form, full_input.clone().requires_grad_(), plain_extras, {"seed": SEED, "offset": OFFSET}
+            )
+            expected = {k: v.detach() for k, v in expected.items()}
+            for placement_name, placement in PLACEMENTS.items():
+                case = f"{form}-{shape_name}-{placement_name}"
+                try:
+                    actual = _run_form(
+                        form,
+                        distribute_tensor(full_input.clone(), mesh, [placement]).requires_grad_(),
+                        _distribute(_extras(shape), mesh, placement),
+                        {"seed": SEED, "offset": OFFSET},
+                    )
+                    results[case] = _compare(case, expected, actual)
+                except Exception as error:
+                    limit = DTENSOR_LIMITS.get(case)
+                    results[case] = None if limit and limit(mesh, placement, error) else traceback.format_exc()
+
+
+def _unseeded_cases(mesh, results):
+    """The default generator, seeded alike on every rank: two calls in a row equal the same two
+    calls on the full tensor (so every rank advanced its generator by the full draw)."""
+    shape = SHAPES["uneven"]
+    full_input = _tensor(shape, 1)
+    torch.manual_seed(7)
+    expected = [fd.dropout(full_input, 0.5), fd.act_dropout(full_input, 0.5)]
+    for placement_name, placement in PLACEMENTS.items():
+        case = f"unseeded-{placement_name}"
+        try:
+            x = distribute_tensor(full_input, mesh, [placement])
+            torch.manual_seed(7)
+            actual = [fd.dropout(x, 0.5).full_tensor(), fd.act_dropout(x, 0.5).full_tensor()]
+            same = all(torch.equal(a, b) for a, b in zip(actual, expected))
+            results[case] = None if same else f"{case}: the sharded calls differ from the full ones"
+        except Exception:
+            results[case] = traceback.format_exc()
+
+
+def _inplace_cases(mesh, results):
+    shape = SHAPES["uneven"]
+    full_input = _tensor(shape, 1)
+    expected = fd.dropout(full_input.clone(), 0.4, inplace=True, seed=SEED, offset=OFFSET)
+    for placement_name, placement in PLACEMENTS.items():
+        case = f"inplace-{placement_name}"
+        try:
+            x = distribute_tensor(full_input.clone(), mesh, [placement])
+            local = x.to_local()
+            out = fd.dropout(x, 0.4, inplace=True, seed=SEED, offset=OFFSET)
+            ok = out is x and torch.equal(x.full_tensor(), expected) and torch.equal(local, x.to_local())
+            results[case] = None if ok else f"{case}: in-place dropout on the shards differs from the full call"
+        except Exception:
+            results[case] = traceback.format_exc()
+
+
+def _redistribution_cases(mesh, results, rank):
+    """Inputs that are redistributed first, operands in other placements, and a plain operand."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    full, residual = _tensor((8, 6), 1), _tensor((8, 6), 2)
+    parts = [_tensor((8, 6), 30 + r) for r in range(WORLD)]
+    sharded = distribute_tensor(full, mesh, [Shard(0)])
+    cases = {
+        # A Partial input is summed (redistributed to Replicate) before dropout.
+        "partial": lambda: (
+            fd.dropout(DTensor.from_local(parts[rank], mesh, [Partial()]), 0.4, seed=SEED),
+            fd.dropout(parts[0] + parts[1], 0.4, seed=SEED),
+        ),
+        # Shards that are not boxes are replicated first.
+        "strided_shard": lambda: (
+            fd.dropout(sharded.redistribute(mesh, [_StridedShard(0, split_factor=2)]), 0.4, seed=SEED),
+            fd.dropout(full, 0.4, seed=SEED),
+        ),
+        # A residual sharded along another dim is redistributed to the input's placement.
+        "residual_elsewhere": lambda: (
+            fd.dropout_add(sharded, distribute_tensor(residual, mesh, [Shard(1)]), 0.4, seed=SEED),
+            fd.dropout_add(full, residual, 0.4, seed=SEED),
+        ),
+    }
+    for case, run in cases.items():
+        try:
+            actual, expected = run()
+            results[case] = None if torch.equal(actual.full_tensor(), expected) else f"{case}: differs"
+        except Exception:
+            results[case] = traceback.format_exc()
+    case = "plain_operand"
+    try:
+        fd.dropout_add(sharded, residual, 0.4, seed=SEED)
+        results[case] = f"{case}: no error for a plain residual beside a DTensor input"
+    except TypeError as error:
+        named = "residual is a torch.Tensor but the input is a DTensor" in str(error)
+        results[case] = None if named else f"{case}: unclear message: {error}"
+
+
+def _rng_check_case(mesh, results, rank):
+    """Ranks whose generators disagree: the check mode names them; a seeded call passes."""
+    case = "rng_check"
+    x = distribute_tensor(_tensor((4, 6), 1), mesh, [Shard(0)])
+    try:
+        with fd.distributed.checking_rng():
+            fd.dropout(x, 0.5, seed=SEED)
+            torch.manual_seed(rank)
+            fd.dropout(x, 0.5)
+        results[case] = f"{case}: no error for generators that disagree"
+    except RuntimeError as error:
+        message = str(error)
+        named = "rank 0 has" in message and "rank 1 has" in message and "torch.manual_seed" in message
+        results[case] = None if named else f"{case}: unclear message: {message}"
+    except Exception:
+        results[case] = traceback.format_exc()
+
+
+class Block(nn.Module):
+    """A pre-norm MLP block: LayerNorm, Linear up, GELU, Linear down, dropout, residual."""
+
+    def __init__(self, width=8, hidden=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+        self.dropout = fd.FusedDropout(0.3)
+
+    def forward(self, x):
+        return x + self.dropout(self.down(self.act(self.up(self.norm(x)))))
+
+
+def _two_blocks():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block())
+
+
+def _masks_of(model):
+    masks = []
+    for block in model:
+        block.dropout.register_forward_hook(lambda m, i, o: masks.append(_full(o).detach() == 0))
+    return masks
+
+
+def _tensor_parallel_case(mesh, results):
+    """Two blocks with ColwiseParallel/RowwiseParallel Linears and SequenceParallel norms and
+    dropouts (DTensor activations throughout) train as the unsharded blocks do."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    case = "tensor_parallel"
+    try:
+        batch = _tensor((2, 6, 8), 40)
+        reference = _two_blocks()
+        reference_masks = _masks_of(reference)
+        sharded = _two_blocks()
+        sharded_masks = _masks_of(sharded)
+        plan = {}
+        for i in range(2):
+            plan[f"{i}.norm"] = SequenceParallel(use_local_output=False)
+            plan[f"{i}.up"] = ColwiseParallel(input_layouts=Shard(1), use_local_output=False)
+            plan[f"{i}.down"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+            plan[f"{i}.dropout"] = SequenceParallel(use_local_output=False)
+        parallelize_module(sharded, mesh, plan)
+        losses = []
+        for step in range(2):
+            torch.manual_seed(100 + step)
+            expected_loss = reference(batch).square().mean()
+            expected_loss.backward()
+            torch.manual_seed(100 + step)
+            loss = sharded(distribute_tensor(batch, mesh, [Shard(1)])).full_tensor().square().mean()
+            loss.backward()
+            losses.append((loss.item(), expected_loss.item()))
+        problems = [f"loss {a} != {b}" for a, b in losses if abs(a - b) > 1e-5 * abs(b)]
+        masks = enumerate(zip(sharded_masks, reference_masks))
+        problems += [f"mask {i} differs" for i, (a, b) in masks if not torch.equal(a, b)]
+        problems += ["a mask dropped nothing" for m in reference_masks if not m.any()]
+        for (name, p), (_, q) in zip(sharded.named_parameters(), reference.named_parameters()):
+            if not torch.allclose(_full(p.grad), q.grad, rtol=1e-5, atol=1e-6):
+                problems.append(f"grad of {name}")
+        results[case] = f"{case}: " + "; ".join(problems) if problems else None
+    except Exception:
+        results[case] = traceback.format_exc()
+
+
+def _worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    mesh = dtensor.DeviceMesh("cpu", list(range(WORLD)))
+    outcomes = {}
+    _placement_cases(mesh, outcomes)
+    _unseeded_cases(mesh, outcomes)
+    _inplace_cases(mesh, outcomes)
+    _redistribution_cases(mesh, outcomes, rank)
+    _rng_check_case(mesh, outcomes, rank)
+    _tensor_parallel_case(mesh, outcomes)
+    results[rank] = outcomes
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    return dict(results)
+
+
+PLACEMENT_CASES = [f"{f}-{s}-{p}" for f in FORMS for s in SHAPES for p in PLACEMENTS]
+OTHER_CASES = (
+    [f"unseeded-{p}" for p in PLACEMENTS]
+    + [f"inplace-{p}" for p in PLACEMENTS]
+    + ["partial", "strided_shard", "residual_elsewhere", "plain_operand", "rng_check", "tensor_parallel"]
+)
+
+
+@pytest.mark.parametrize("case", PLACEMENT_CASES + OTHER_CASES)
+def test_two_ranks(outcomes, case):
+    for rank in range(WORLD):
+        assert outcomes[rank].get(case, f"{case} did not run") is None, outcomes[rank][case]
