@@ -77,6 +77,8 @@ def _rng_check_enabled() -> bool:
 
 @contextlib.contextmanager
 def _mask_window(sizes, origin):
+    """The fused ops called in the block index the mask of a whole tensor of `sizes` from a
+    shard whose first element sits at `origin` (csrc/checks.h, MaskWindow)."""
     _C.set_mask_window(list(sizes), list(origin))
     try:
         yield
@@ -158,6 +160,11 @@ def _register():
         arguments = op_call._schema.arguments
         values = dict(zip((a.name for a in arguments), _filled(op_call, args, kwargs)))
         lead = values[lead_name]
+        if not isinstance(lead, DTensor):
+            raise TypeError(
+                f"fused_dropout::{op_name}: {lead_name} is a torch.Tensor but another operand is a DTensor; pass "
+                "a DTensor (DTensor.from_local or distribute_tensor) for every tensor operand"
+            )
         mesh, ndim, shape = lead.device_mesh, lead.ndim, tuple(lead.shape)
         placements = box_placements(lead.placements, ndim, whole_last_dim)
         inplace = op_call._schema.is_mutable
@@ -173,7 +180,7 @@ def _register():
                 local_values[name] = local(op_name, name, value, mesh, placements)
             elif name in vectors and value is not None:
                 local_values[name] = local(op_name, name, value, mesh, vector_placements(placements, ndim))
-            elif name == "rng_state":
+            elif name == "rng_state" and isinstance(value, DTensor):
                 local_values[name] = local(op_name, name, value, mesh, (Replicate(),) * mesh.ndim)
             else:
                 local_values[name] = value
@@ -193,7 +200,8 @@ def _register():
             elif name in ("mean", "rstd"):
                 wrapped.append(wrap(value, mesh, placements, shape[:-1]))
             else:
-                stride = tuple(lead.stride()) if value.dtype == lead.dtype and name != "residual_out" else None
+                # The elementwise outputs keep the input's strides; the norm forms' are contiguous.
+                stride = None if whole_last_dim else tuple(lead.stride())
                 wrapped.append(wrap(value, mesh, placements, shape, stride))
         return tuple(wrapped) if isinstance(result, tuple) else wrapped[0]
 

@@ -208,6 +208,11 @@ def _redistribution_cases(mesh, results, rank):
             fd.dropout(sharded.redistribute(mesh, [_StridedShard(0, split_factor=2)]), 0.4, seed=SEED),
             fd.dropout(full, 0.4, seed=SEED),
         ),
+        # A plain rng_state (a state saved from a plain call) stands for every rank.
+        "plain_rng_state": lambda: (
+            fd.ops.dropout_replay(distribute_tensor(full, mesh, [Shard(1)]), torch.tensor([SEED, OFFSET]), 0.4),
+            fd.ops.dropout_replay(full, torch.tensor([SEED, OFFSET]), 0.4),
+        ),
         # A residual sharded along another dim is redistributed to the input's placement.
         "residual_elsewhere": lambda: (
             fd.dropout_add(sharded, distribute_tensor(residual, mesh, [Shard(1)]), 0.4, seed=SEED),
@@ -221,12 +226,18 @@ def _redistribution_cases(mesh, results, rank):
         except Exception:
             results[case] = traceback.format_exc()
     case = "plain_operand"
-    try:
-        fd.dropout_add(sharded, residual, 0.4, seed=SEED)
-        results[case] = f"{case}: no error for a plain residual beside a DTensor input"
-    except TypeError as error:
-        named = "residual is a torch.Tensor but the input is a DTensor" in str(error)
-        results[case] = None if named else f"{case}: unclear message: {error}"
+    results[case] = None
+    plain_beside_dtensor = {
+        "residual is a torch.Tensor but the input is a DTensor": (sharded, residual),
+        "input is a torch.Tensor but another operand is a DTensor": (full, sharded),
+    }
+    for message, (input, other) in plain_beside_dtensor.items():
+        try:
+            fd.dropout_add(input, other, 0.4, seed=SEED)
+            results[case] = f"{case}: no error for a plain tensor beside a DTensor"
+        except TypeError as error:
+            if message not in str(error):
+                results[case] = f"{case}: unclear message: {error}"
 
 
 def _rng_check_case(mesh, results, rank):
@@ -248,18 +259,33 @@ def _rng_check_case(mesh, results, rank):
 
 
 class Block(nn.Module):
-    """A pre-norm MLP block: LayerNorm, Linear up, GELU, Linear down, dropout, residual."""
+    """A pre-norm transformer block: attention, then an MLP, each followed by a dropout and the
+    residual add."""
 
-    def __init__(self, width=8, hidden=16):
+    def __init__(self, width=8, heads=2, hidden=16):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.head_dim = width // heads
+        self.attn_norm = nn.LayerNorm(width)
+        self.q, self.k, self.v, self.proj = (nn.Linear(width, width) for _ in range(4))
+        self.attn_dropout = fd.FusedDropout(0.3)
+        self.mlp_norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, hidden)
         self.act = nn.GELU()
         self.down = nn.Linear(hidden, width)
-        self.dropout = fd.FusedDropout(0.3)
+        self.mlp_dropout = fd.FusedDropout(0.3)
+
+    def heads(self, t):
+        """(batch, seq, heads * head_dim) as (batch, heads, seq, head_dim); the heads counted
+        from the width, so a rank holding half of them splits its half."""
+        return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
     def forward(self, x):
-        return x + self.dropout(self.down(self.act(self.up(self.norm(x)))))
+        h = self.attn_norm(x)
+        attended = nn.functional.scaled_dot_product_attention(
+            self.heads(self.q(h)), self.heads(self.k(h)), self.heads(self.v(h))
+        )
+        x = x + self.attn_dropout(self.proj(attended.transpose(1, 2).flatten(2)))
+        return x + self.mlp_dropout(self.down(self.act(self.up(self.mlp_norm(x)))))
 
 
 def _two_blocks():
@@ -270,13 +296,16 @@ def _two_blocks():
 def _masks_of(model):
     masks = []
     for block in model:
-        block.dropout.register_forward_hook(lambda m, i, o: masks.append(_full(o).detach() == 0))
+        for dropout in (block.attn_dropout, block.mlp_dropout):
+            dropout.register_forward_hook(lambda m, i, o: masks.append(_full(o).detach() == 0))
     return masks
 
 
 def _tensor_parallel_case(mesh, results):
-    """Two blocks with ColwiseParallel/RowwiseParallel Linears and SequenceParallel norms and
-    dropouts (DTensor activations throughout) train as the unsharded blocks do."""
+    """Two blocks, Megatron style: attention heads and the MLP's hidden units split by
+    ColwiseParallel/RowwiseParallel Linears, norms and dropouts SequenceParallel on DTensor
+    activations sharded along the sequence. Loss and gradients equal the unsharded blocks' to
+    float32 rounding, and every dropout mask equals theirs bit for bit."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -293,10 +322,13 @@ def _tensor_parallel_case(mesh, results):
         sharded_masks = _masks_of(sharded)
         plan = {}
         for i in range(2):
-            plan[f"{i}.norm"] = SequenceParallel(use_local_output=False)
+            for name in ("attn_norm", "mlp_norm", "attn_dropout", "mlp_dropout"):
+                plan[f"{i}.{name}"] = SequenceParallel(use_local_output=False)
+            for name in ("q", "k", "v"):  # local outputs: each rank's heads
+                plan[f"{i}.{name}"] = ColwiseParallel(input_layouts=Shard(1))
             plan[f"{i}.up"] = ColwiseParallel(input_layouts=Shard(1), use_local_output=False)
-            plan[f"{i}.down"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
-            plan[f"{i}.dropout"] = SequenceParallel(use_local_output=False)
+            for name in ("proj", "down"):
+                plan[f"{i}.{name}"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
         parallelize_module(sharded, mesh, plan)
         losses = []
         for step in range(2):
@@ -345,7 +377,15 @@ PLACEMENT_CASES = [f"{f}-{s}-{p}" for f in FORMS for s in SHAPES for p in PLACEM
 OTHER_CASES = (
     [f"unseeded-{p}" for p in PLACEMENTS]
     + [f"inplace-{p}" for p in PLACEMENTS]
-    + ["partial", "strided_shard", "residual_elsewhere", "plain_operand", "rng_check", "tensor_parallel"]
+    + [
+        "partial",
+        "strided_shard",
+        "plain_rng_state",
+        "residual_elsewhere",
+        "plain_operand",
+        "rng_check",
+        "tensor_parallel",
+    ]
 )
 
 

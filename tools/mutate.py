@@ -165,6 +165,28 @@ MUTANTS = [
         "const at::Tensor dropped = input.unpack();",
         "dropout_linear's weight gradient uses the input, not the redrawn dropped input",
     ),
+    # Shards of a DTensor (csrc/checks.cpp, fused_dropout/distributed.py).
+    Mutant(
+        "shard-origin-dropped",
+        "csrc/checks.cpp",
+        "if (current_window) layout.origin += current_window->origin[d] * layout.strides[d];",
+        "if (false) layout.origin += current_window->origin[d] * layout.strides[d];",
+        "every shard's mask index starts at 0 instead of its origin in the whole tensor",
+    ),
+    Mutant(
+        "shard-takes-row-major-path",
+        "csrc/checks.cpp",
+        "layout.row_major = layout.row_major && layout.origin == 0;",
+        "layout.row_major = layout.row_major;",
+        "a shard along dim 0 takes the row-major walk, which ignores its origin",
+    ),
+    Mutant(
+        "norm-keeps-sharded-rows",
+        "fused_dropout/distributed.py",
+        "keep = type(placement) is Shard and not (whole_last_dim and placement.dim % ndim == ndim - 1)",
+        "keep = type(placement) is Shard",
+        "the norm forms normalise each shard of a sharded last dim on its own",
+    ),
     # The Python layer.
     Mutant(
         "lora-variant-fused",
