@@ -26,7 +26,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 WORLD = 2
 SEED, OFFSET = 1234, 3  # an offset that is not a multiple of 4 moves every Philox group
 PLACEMENTS = {"replicate": Replicate(), "shard0": Shard(0), "shard1": Shard(1), "shard_last": Shard(-1)}
-SHAPES = {"even": (4, 6, 8), "uneven": (9, 7, 3)}  # (9, 7, 3): shards of 5 and 4, 4 and 3, 2 and 1
+# (9, 7, 3): shards of 5 and 4, 4 and 3, 2 and 1; (1, 5, 3): rank 1's shard of dim 0 is empty.
+SHAPES = {"even": (4, 6, 8), "uneven": (9, 7, 3), "one_row": (1, 5, 3)}
 
 
 def _tensor(shape, seed):
@@ -62,19 +63,25 @@ FORMS = {
 LINED_UP = ("residual",)
 
 
-def _as_torch_linear_fails(mesh, placement, error):
+def _fails_as_torch_linear(shape):
     """dropout_linear's backward flattens the leading dims as torch's linear does, which DTensor
-    refuses for unevenly sharded ones: the same error as F.linear's own."""
-    x = distribute_tensor(_tensor(SHAPES["uneven"], 1), mesh, [placement]).requires_grad_()
-    w = distribute_tensor(_tensor((5, SHAPES["uneven"][-1]), 14), mesh, [Replicate()])
-    try:
-        nn.functional.linear(x, w).sum().backward()
-    except RuntimeError as torch_error:
-        return "unevenly sharded" in str(torch_error) and "unevenly sharded" in str(error)
-    return False
+    refuses for unevenly sharded ones: the check that F.linear fails there with the same error."""
+
+    def check(mesh, placement, error):
+        x = distribute_tensor(_tensor(shape, 1), mesh, [placement]).requires_grad_()
+        w = distribute_tensor(_tensor((5, shape[-1]), 14), mesh, [Replicate()])
+        try:
+            nn.functional.linear(x, w).sum().backward()
+        except RuntimeError as torch_error:
+            return str(torch_error).splitlines()[0] in str(error)
+        return False
+
+    return check
 
 
-DTENSOR_LIMITS = {"dropout_linear-uneven-shard0": _as_torch_linear_fails}
+DTENSOR_LIMITS = {
+    f"dropout_linear-{name}-shard0": _fails_as_torch_linear(SHAPES[name]) for name in ("uneven", "one_row")
+}
 ALONG_LAST_DIM = ("bias", "weight")
 
 
