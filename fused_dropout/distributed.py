@@ -136,11 +136,12 @@ def _register():
         return DTensor(local_tensor, DTensorSpec(mesh, tuple(placements), tensor_meta=meta), requires_grad=False)
 
     def check_rng_agreement(op_name, mesh, rng_state):
-        """Raises if the ranks of `mesh` hold different states: one all-gather per mesh dim."""
+        """Raises if the ranks of `mesh` hold different states: one all-gather over all ranks
+        where the mesh spans them, else one per mesh dim."""
         import torch.distributed as dist
 
-        for mesh_dim in range(mesh.ndim):
-            group = mesh.get_group(mesh_dim)
+        spans_world = mesh.size() == dist.get_world_size()
+        for group in [dist.group.WORLD] if spans_world else [mesh.get_group(d) for d in range(mesh.ndim)]:
             gathered = [torch.empty_like(rng_state) for _ in range(dist.get_world_size(group))]
             dist.all_gather(gathered, rng_state.contiguous(), group=group)
             states = [tuple(int(v) for v in state.tolist()) for state in gathered]
