@@ -228,6 +228,13 @@ def _redistribution_cases(mesh, results, rank):
             fd.dropout_add(full, residual, 0.4, seed=SEED),
         ),
     }
+    # torch.compile (without fullgraph) breaks the graph at the DTensor handler: each shard still
+    # draws its slice.
+    compiled = torch.compile(lambda t: fd.dropout(t, 0.4, seed=SEED) * 2, backend="aot_eager")
+    cases["compiled"] = lambda: (
+        compiled(distribute_tensor(full, mesh, [Shard(1)])),
+        fd.dropout(full, 0.4, seed=SEED) * 2,
+    )
     for case, run in cases.items():
         try:
             actual, expected = run()
@@ -390,6 +397,7 @@ OTHER_CASES = (
         "partial",
         "strided_shard",
         "plain_rng_state",
+        "compiled",
         "residual_elsewhere",
         "plain_operand",
         "rng_check",
