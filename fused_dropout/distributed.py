@@ -87,6 +87,7 @@ def _mask_window(sizes, origin):
 
 
 def _register():
+    from torch._guards import detect_fake_mode
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
     from torch.distributed.tensor._redistribute import redistribute_local_tensor
@@ -185,6 +186,13 @@ def _register():
                 local_values[name] = local(op_name, name, value, mesh, (Replicate(),) * mesh.ndim)
             else:
                 local_values[name] = value
+        if any(isinstance(p, Shard) for p in placements) and detect_fake_mode(lead._local_tensor):
+            # A traced graph would keep the local call but not the window set around it, and
+            # every shard would then draw the first slice. Refused as an operator the tracer
+            # does not support: torch.compile breaks the graph here (fullgraph=True fails).
+            from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+            raise UnsupportedOperatorException(op_call)
         local_shape, origin = compute_local_shape_and_global_offset(shape, mesh, placements)
         with _mask_window(shape, origin):
             result = op_call(*(local_values[a.name] for a in arguments))

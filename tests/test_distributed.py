@@ -241,6 +241,16 @@ def _redistribution_cases(mesh, results, rank):
             results[case] = None if torch.equal(actual.full_tensor(), expected) else f"{case}: differs"
         except Exception:
             results[case] = traceback.format_exc()
+    # A whole graph cannot hold a shard's window: fullgraph=True fails rather than trace the
+    # local call without it.
+    case = "compiled_fullgraph_refused"
+    fullgraph = torch.compile(lambda t: fd.dropout(t, 0.4, seed=SEED), backend="aot_eager", fullgraph=True)
+    try:
+        fullgraph(sharded)
+        results[case] = f"{case}: a sharded call was traced into a whole graph"
+    except Exception as error:
+        named = "fused_dropout.dropout" in str(error)
+        results[case] = None if named else f"{case}: unclear error: {error}"
     case = "plain_operand"
     results[case] = None
     plain_beside_dtensor = {
@@ -398,6 +408,7 @@ OTHER_CASES = (
         "strided_shard",
         "plain_rng_state",
         "compiled",
+        "compiled_fullgraph_refused",
         "residual_elsewhere",
         "plain_operand",
         "rng_check",
