@@ -7,6 +7,8 @@ placement.
 """
 
 import os
+import subprocess
+import sys
 import traceback
 from datetime import timedelta
 
@@ -421,3 +423,23 @@ OTHER_CASES = (
 def test_two_ranks(outcomes, case):
     for rank in range(WORLD):
         assert outcomes[rank].get(case, f"{case} did not run") is None, outcomes[rank][case]
+
+
+@pytest.mark.parametrize("first", ["fused_dropout", "torch.distributed.tensor"])
+def test_handlers_register_whichever_module_is_imported_first(first):
+    """Importing fused_dropout alone does not import DTensor (a second of start-up); the handlers
+    are registered when it is imported, before or after fused_dropout."""
+    second = "torch.distributed.tensor" if first == "fused_dropout" else "fused_dropout"
+    names = sorted(fd.distributed._ELEMENTWISE) + ["norm_backward", "dropout_linear"]
+    code = "\n".join(
+        [
+            "import sys, torch",
+            f"import {first}",
+            "assert 'torch.distributed.tensor' not in sys.modules" if first == "fused_dropout" else "",
+            f"import {second}",
+            "from torch.distributed.tensor import DTensor",
+            "handlers = DTensor._op_dispatcher._custom_op_handlers",
+            f"assert all(getattr(torch.ops.fused_dropout, name).default in handlers for name in {names})",
+        ]
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
