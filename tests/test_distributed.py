@@ -379,6 +379,47 @@ def _tensor_parallel_case(mesh, results):
         results[case] = traceback.format_exc()
 
 
+def _swap_after_parallelize_case(mesh, results):
+    """replace_dropout on a model already parallelized, its nn.Dropout under SequenceParallel:
+    the FusedDropout keeps the plan's hooks and draws the unsharded model's mask."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    def stock():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.Dropout(0.3))
+
+    case = "replace_dropout_after_parallelize"
+    try:
+        reference = fd.replace_dropout(stock())
+        sharded = stock()
+        plan = {
+            "0": SequenceParallel(use_local_output=False),
+            "1": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+            "3": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "4": SequenceParallel(use_local_output=False),
+        }
+        fd.replace_dropout(parallelize_module(sharded, mesh, plan))
+        batch = _tensor((2, 6, 8), 41)
+        torch.manual_seed(5)
+        expected = reference(batch)
+        torch.manual_seed(5)
+        actual = sharded(distribute_tensor(batch, mesh, [Shard(1)]))
+        ok = (
+            isinstance(sharded[4], fd.FusedDropout)
+            and actual.placements == (Shard(1),)
+            and torch.equal(actual.full_tensor() == 0, expected == 0)
+            and torch.allclose(actual.full_tensor(), expected, rtol=1e-5, atol=1e-6)
+        )
+        results[case] = None if ok else f"{case}: the swapped model differs from the unsharded one"
+    except Exception:
+        results[case] = traceback.format_exc()
+
+
 def _worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
@@ -390,6 +431,7 @@ def _worker(rank, port, results):
     _redistribution_cases(mesh, outcomes, rank)
     _rng_check_case(mesh, outcomes, rank)
     _tensor_parallel_case(mesh, outcomes)
+    _swap_after_parallelize_case(mesh, outcomes)
     results[rank] = outcomes
     dist.destroy_process_group()
 
@@ -415,6 +457,7 @@ OTHER_CASES = (
         "plain_operand",
         "rng_check",
         "tensor_parallel",
+        "replace_dropout_after_parallelize",
     ]
 )
 
