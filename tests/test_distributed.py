@@ -185,6 +185,39 @@ def _unseeded_cases(mesh, results):
             results[case] = traceback.format_exc()
 
 
+# Two mesh dims over the two ranks: one of them has size 1, so each placement pair shards a
+# tensor dim once, twice (nested) or along two tensor dims at once.
+MESH_2D = {
+    "2x1-shard0-shard1": ((2, 1), (Shard(0), Shard(1))),
+    "1x2-shard1-shard0": ((1, 2), (Shard(1), Shard(0))),
+    "2x1-shard0-shard0": ((2, 1), (Shard(0), Shard(0))),
+    "1x2-partial-shard_last": ((1, 2), (Partial(), Shard(-1))),
+}
+
+
+def _mesh_2d_cases(results):
+    shape = SHAPES["uneven"]
+    full, residual = _tensor(shape, 1), _tensor(shape, 2)
+    expected = fd.dropout_add(full, residual, 0.4, seed=SEED, offset=OFFSET)
+    meshes = {}
+    for name, (mesh_shape, placements) in MESH_2D.items():
+        case = f"mesh_2d-{name}"
+        try:
+            if mesh_shape not in meshes:
+                meshes[mesh_shape] = dtensor.init_device_mesh("cpu", mesh_shape)
+            mesh = meshes[mesh_shape]
+            # Partial over a mesh dim of size 1: its one rank holds the whole sum.
+            boxes = [Replicate() if isinstance(p, Partial) else p for p in placements]
+            local = distribute_tensor(full, mesh, boxes).to_local()
+            x = DTensor.from_local(local, mesh, placements, shape=full.shape, stride=full.stride())
+            actual = fd.dropout_add(
+                x, distribute_tensor(residual, mesh, [Replicate(), Replicate()]), 0.4, seed=SEED, offset=OFFSET
+            )
+            results[case] = None if torch.equal(actual.full_tensor(), expected) else f"{case}: differs"
+        except Exception:
+            results[case] = traceback.format_exc()
+
+
 def _inplace_cases(mesh, results):
     shape = SHAPES["uneven"]
     full_input = _tensor(shape, 1)
@@ -428,6 +461,7 @@ def _worker(rank, port, results):
     _placement_cases(mesh, outcomes)
     _unseeded_cases(mesh, outcomes)
     _inplace_cases(mesh, outcomes)
+    _mesh_2d_cases(outcomes)
     _redistribution_cases(mesh, outcomes, rank)
     _rng_check_case(mesh, outcomes, rank)
     _tensor_parallel_case(mesh, outcomes)
@@ -447,6 +481,7 @@ PLACEMENT_CASES = [f"{f}-{s}-{p}" for f in FORMS for s in SHAPES for p in PLACEM
 OTHER_CASES = (
     [f"unseeded-{p}" for p in PLACEMENTS]
     + [f"inplace-{p}" for p in PLACEMENTS]
+    + [f"mesh_2d-{name}" for name in MESH_2D]
     + [
         "partial",
         "strided_shard",
