@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The installs users reach for, each from a fresh venv with a CPU-only torch: the sdist and a
-# wheel built from it, each installed with --no-build-isolation, imported and smoke-tested
-# from outside the source tree; then the test suite from the sdist against the installed
-# wheel (the CPU-only path: tests needing torchvision or scipy skip with a reason).
+# The installs users reach for, from a fresh venv with a CPU-only torch: the sdist, built into
+# a wheel as `pip install <sdist>` builds it (--no-build-isolation), installed, imported and
+# smoke-tested from outside the source tree; then the test suite from the sdist against the
+# installed wheel (the CPU-only path: tests needing torchvision or scipy skip with a reason).
+# One build: `pip install <sdist>` is this same wheel build followed by its install.
 #     bash .ci/install_check.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,17 +38,12 @@ PY
   python -m fused_dropout --info)
 }
 
-echo "== install the sdist"
-python -m pip install --quiet --no-build-isolation --no-deps "$SDIST"
-smoke
-python -m pip uninstall --quiet --yes fused_dropout
-
-echo "== a wheel built from the sdist"
-mkdir -p "$WORK/sdist_tree" && tar -xzf "$SDIST" -C "$WORK/sdist_tree"
-TREE=$(ls -d "$WORK"/sdist_tree/fused_dropout-*)
-python -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/wheels" "$TREE"
+echo "== the sdist built into a wheel and installed"
+python -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/wheels" "$SDIST"
 python -m pip install --quiet --no-deps "$WORK"/wheels/fused_dropout-*.whl
 smoke
+mkdir -p "$WORK/sdist_tree" && tar -xzf "$SDIST" -C "$WORK/sdist_tree"
+TREE=$(ls -d "$WORK"/sdist_tree/fused_dropout-*)
 
 echo "== the tests, from the sdist, against the installed wheel (CPU-only torch, no torchvision or scipy)"
 (cd "$WORK" && python -m pytest -q -p no:cacheprovider "$TREE/tests")
