@@ -201,3 +201,85 @@ def test_cpu_inner_loops_agree_with_reference(dtype, op, tmp_path):
     assert nan.any() and torch.equal(torch.isnan(actual), nan)
     # NaN payloads differ between torch's conversions, so the NaNs are compared by position.
     assert_bitwise_equal(actual[~nan], expected[~nan])
+
+
+# A shard's mask window (fused_dropout/distributed.py sets it for DTensor shards): each op called
+# on a piece of a tensor, with the window of the piece's place in the whole, gives exactly that
+# piece of the op on the whole tensor. Here without DTensor, on every device's kernels.
+WINDOW_SHAPE = (9, 7, 6)
+WINDOW_OPS = {
+    "dropout": lambda x, r, b, g, s, **k: fused_dropout.ops.dropout(x, 0.4, 77, 3, **k)[0],
+    "dropout_shared_dims": lambda x, r, b, g, s, **k: fused_dropout.ops.dropout(x, 0.4, 77, 3, shared_dims=(1,), **k)[
+        0
+    ],
+    "alpha_dropout": lambda x, r, b, g, s, **k: fused_dropout.ops.alpha_dropout(x, 0.3, 77, 3, **k)[0],
+    "dropout_add": lambda x, r, b, g, s, **k: fused_dropout.ops.dropout_add(x, r, b, 0.4, 77, 3, **k)[0],
+    "act_dropout_gelu": lambda x, r, b, g, s, **k: fused_dropout.ops.act_dropout(x, b, 0.4, "gelu", 77, 3, **k)[0],
+    "act_dropout_relu": lambda x, r, b, g, s, **k: fused_dropout.ops.act_dropout(x, b, 0.4, "relu", 77, 3, **k)[0],
+    "dropout_replay": lambda x, r, b, g, s, **k: fused_dropout.ops.dropout_replay(x, s, 0.4),
+    "act_dropout_backward": lambda x, r, b, g, s, **k: fused_dropout.ops.act_dropout_backward(g, x, b, s, 0.4, "gelu"),
+    "dropout_add_layer_norm": lambda x, r, b, g, s, **k: fused_dropout.ops.dropout_add_norm(
+        x, r, None, b, 0.4, 1e-5, False, None, 77, 3
+    )[0],
+}
+
+
+def _pieces(dim: int):
+    """Two uneven pieces of WINDOW_SHAPE along `dim`: index tuples and their origins."""
+    cut = WINDOW_SHAPE[dim] // 2 + 1
+    for start, stop in ((0, cut), (cut, WINDOW_SHAPE[dim])):
+        index = [slice(None)] * len(WINDOW_SHAPE)
+        index[dim] = slice(start, stop)
+        origin = [0] * len(WINDOW_SHAPE)
+        origin[dim] = start
+        yield tuple(index), origin
+
+
+# The norm needs whole rows: its DTensor handler never cuts the last dim.
+WINDOW_CASES = [(op, dim) for op in WINDOW_OPS for dim in range(3) if not (op.endswith("norm") and dim == 2)]
+
+
+@pytest.mark.parametrize("op, dim", WINDOW_CASES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_window_draws_its_piece_of_the_whole_mask(device, op, dim):
+    x, r, g = (random_input(WINDOW_SHAPE, torch.float32, device, seed=s) for s in (1, 2, 3))
+    b = random_input(WINDOW_SHAPE[-1:], torch.float32, device, seed=4)
+    state = torch.tensor([77, 3], device=device)
+    whole = WINDOW_OPS[op](x, r, b, g, state)
+    for index, origin in _pieces(dim):
+        piece_bias = b[index[-1]].contiguous()
+        parts = (x[index].contiguous(), r[index].contiguous(), piece_bias, g[index].contiguous(), state)
+        fused_dropout._C.set_mask_window(list(WINDOW_SHAPE), origin)
+        try:
+            piece = WINDOW_OPS[op](*parts)
+        finally:
+            fused_dropout._C.set_mask_window(None, None)
+        assert_bitwise_equal(piece, whole[index])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_unseeded_window_advances_the_generator_by_the_whole_draw(device):
+    """Every shard of an unseeded call draws the whole tensor's state, so the ranks' generators
+    stay together: after a piece's call the generator is where the whole call leaves it."""
+    x = random_input(WINDOW_SHAPE, torch.float32, device)
+    torch.manual_seed(5)
+    whole = fused_dropout.ops.dropout(x, 0.5)[0]
+    after_whole = fused_dropout.ops.dropout(x, 0.5)[1]
+    for index, origin in _pieces(1):
+        torch.manual_seed(5)
+        fused_dropout._C.set_mask_window(list(WINDOW_SHAPE), origin)
+        try:
+            piece = fused_dropout.ops.dropout(x[index].contiguous(), 0.5)[0]
+        finally:
+            fused_dropout._C.set_mask_window(None, None)
+        assert_bitwise_equal(piece, whole[index])
+        assert torch.equal(fused_dropout.ops.dropout(x, 0.5)[1], after_whole)
+
+
+def test_a_window_that_does_not_hold_the_input_is_refused():
+    fused_dropout._C.set_mask_window([4, 6], [3, 0])
+    try:
+        with pytest.raises(RuntimeError, match=r"window in the whole DTensor .* does not hold the local input"):
+            fused_dropout.ops.dropout(torch.randn(2, 6), 0.5, seed=1)
+    finally:
+        fused_dropout._C.set_mask_window(None, None)
