@@ -176,6 +176,13 @@ def _register():
                 f"Shard placements{', the last dim whole' if whole_last_dim else ''}), got {lead.placements}; "
                 "redistribute it first or use the out-of-place form"
             )
+        if any(isinstance(p, Shard) for p in placements) and detect_fake_mode(lead._local_tensor):
+            # A traced graph would keep the local call but not the window set around it, and
+            # every shard would then draw the first slice. Refused as an operator the tracer
+            # does not support: torch.compile breaks the graph here (fullgraph=True fails).
+            from torch._subclasses.fake_tensor import UnsupportedOperatorException
+
+            raise UnsupportedOperatorException(op_call)
         local_values = {}
         for name, value in values.items():
             if name == lead_name or name in aligned:
@@ -186,14 +193,7 @@ def _register():
                 local_values[name] = local(op_name, name, value, mesh, (Replicate(),) * mesh.ndim)
             else:
                 local_values[name] = value
-        if any(isinstance(p, Shard) for p in placements) and detect_fake_mode(lead._local_tensor):
-            # A traced graph would keep the local call but not the window set around it, and
-            # every shard would then draw the first slice. Refused as an operator the tracer
-            # does not support: torch.compile breaks the graph here (fullgraph=True fails).
-            from torch._subclasses.fake_tensor import UnsupportedOperatorException
-
-            raise UnsupportedOperatorException(op_call)
-        local_shape, origin = compute_local_shape_and_global_offset(shape, mesh, placements)
+        _, origin = compute_local_shape_and_global_offset(shape, mesh, placements)
         with _mask_window(shape, origin):
             result = op_call(*(local_values[a.name] for a in arguments))
         if inplace:
