@@ -113,14 +113,17 @@ def _register():
         """A 1-D operand along the last dim: sharded where that dim is."""
         return tuple(Shard(0) if isinstance(p, Shard) and p.dim == ndim - 1 else Replicate() for p in placements)
 
+    def plain_beside_dtensor(op_name, plain, dtensor):
+        return TypeError(
+            f"fused_dropout::{op_name}: {plain} is a torch.Tensor but {dtensor} is a DTensor; pass a DTensor "
+            "(DTensor.from_local or distribute_tensor) for every tensor operand"
+        )
+
     def local(op_name, name, value, mesh, placements):
         """The local tensor of `value` in `placements`, redistributing it if it is elsewhere."""
         if not isinstance(value, DTensor):
             if isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"fused_dropout::{op_name}: {name} is a torch.Tensor but the input is a DTensor; pass a "
-                    "DTensor (DTensor.from_local or distribute_tensor) for every tensor operand"
-                )
+                raise plain_beside_dtensor(op_name, name, "the input")
             return value
         if value.device_mesh != mesh:
             raise ValueError(
@@ -163,10 +166,7 @@ def _register():
         values = dict(zip((a.name for a in arguments), _filled(op_call, args, kwargs)))
         lead = values[lead_name]
         if not isinstance(lead, DTensor):
-            raise TypeError(
-                f"fused_dropout::{op_name}: {lead_name} is a torch.Tensor but another operand is a DTensor; pass "
-                "a DTensor (DTensor.from_local or distribute_tensor) for every tensor operand"
-            )
+            raise plain_beside_dtensor(op_name, lead_name, "another operand")
         mesh, ndim, shape = lead.device_mesh, lead.ndim, tuple(lead.shape)
         placements = box_placements(lead.placements, ndim, whole_last_dim)
         inplace = op_call._schema.is_mutable

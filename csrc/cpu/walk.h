@@ -116,30 +116,31 @@ struct CpuOperands {
         last_size(input.dim() > 0 ? input.size(-1) : 1) {}
 };
 
-// The row-major elements [first, first + count) of the operands (first a multiple of 4): the
-// random words in batches of whole Philox groups, each batch one contiguous run.
+// The row-major elements [0, numel) of a full mask in batches of whole Philox groups:
+// f(first, n, words) for each batch, first a multiple of 4 and words its n random words. The
+// batches are split over threads in ranges of whole groups.
+template <typename F>
+void for_each_word_batch(int64_t numel, RngState state, const F& f) {
+  const int64_t groups = static_cast<int64_t>(counters_for(numel));
+  at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
+    alignas(64) uint32_t words[4 * kBatchGroups];
+    const int64_t end = std::min(group_end * 4, numel);
+    for (int64_t first = group_begin * 4; first < end; first += 4 * kBatchGroups) {
+      const int64_t n = std::min(4 * kBatchGroups, end - first);
+      fill_words(state.seed, state.base, static_cast<uint64_t>(first / 4), (n + 3) / 4, words);
+      f(first, n, static_cast<const uint32_t*>(words));
+    }
+  });
+}
+
+// Row-major operands and a full mask: the mask index is the memory index, so each batch of
+// words is one contiguous run.
 template <typename scalar_t, bool kTwoOperands, typename Rule>
-void apply_row_major_range(const CpuOperands<scalar_t>& ops, int64_t first, int64_t count, RngState state,
-                           const Rule& rule) {
-  alignas(64) uint32_t words[4 * kBatchGroups];
-  for (int64_t done = 0; done < count; done += 4 * kBatchGroups) {
-    const int64_t at = first + done;
-    const int64_t n = std::min(4 * kBatchGroups, count - done);
-    fill_words(state.seed, state.base, static_cast<uint64_t>(at / 4), (n + 3) / 4, words);
+void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state, const Rule& rule) {
+  for_each_word_batch(numel, state, [&](int64_t at, int64_t n, const uint32_t* words) {
     apply_run<scalar_t, kTwoOperands>({ops.in + at, kTwoOperands ? ops.res + at : nullptr, ops.bias, at % ops.last_size,
                                        ops.last_size, ops.out + at, words, n},
                                       rule);
-  }
-}
-
-// Row-major operands and a full mask: the mask index is the memory index, so the work splits
-// into ranges of whole Philox groups.
-template <typename scalar_t, bool kTwoOperands, typename Rule>
-void apply_row_major(const CpuOperands<scalar_t>& ops, int64_t numel, RngState state, const Rule& rule) {
-  const int64_t groups = static_cast<int64_t>(counters_for(numel));
-  at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
-    apply_row_major_range<scalar_t, kTwoOperands>(ops, group_begin * 4,
-                                                  std::min(group_end * 4, numel) - group_begin * 4, state, rule);
   });
 }
 

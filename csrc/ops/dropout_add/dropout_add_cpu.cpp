@@ -17,9 +17,9 @@ namespace {
 
 // y = out_t(residual) + out_t(dropout(x + bias)) over row-major operands and a full mask: the
 // dropout rounded to the input's dtype and the sum done in the output's, as torch's composition
-// (dropout, then the promoting add) rounds them. The words come in batches of whole Philox
-// groups, as in the walk's row-major path; the bias is read in row segments so that its index
-// is the loop index plus a constant.
+// (dropout, then the promoting add) rounds them. The words come in the walk's row-major batches
+// (for_each_word_batch); the bias is read in row segments so that its index is the loop index
+// plus a constant.
 template <typename in_t, typename res_t, typename out_t>
 void dropout_add_widening(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& bias,
                           at::Tensor& output, RngState state, const MaskedScale<in_t>& rule) {
@@ -29,29 +29,22 @@ void dropout_add_widening(const at::Tensor& input, const at::Tensor& residual, c
   out_t* y = output.mutable_data_ptr<out_t>();
   const int64_t numel = input.numel();
   const int64_t last = input.dim() > 0 ? input.size(-1) : 1;
-  const int64_t groups = static_cast<int64_t>(counters_for(numel));
-  at::parallel_for(0, groups, kGrainGroups, [&](int64_t group_begin, int64_t group_end) {
-    alignas(64) uint32_t words[4 * kBatchGroups];
-    const int64_t end = std::min(group_end * 4, numel);
-    for (int64_t first = group_begin * 4; first < end; first += 4 * kBatchGroups) {
-      const int64_t n = std::min(4 * kBatchGroups, end - first);
-      fill_words(state.seed, state.base, static_cast<uint64_t>(first / 4), (n + 3) / 4, words);
-      if (b == nullptr) {
-        for (int64_t j = 0; j < n; ++j) {
-          y[first + j] = static_cast<out_t>(r[first + j]) + static_cast<out_t>(rule(x[first + j], words[j]));
-        }
-        continue;
+  for_each_word_batch(numel, state, [&](int64_t first, int64_t n, const uint32_t* words) {
+    if (b == nullptr) {
+      for (int64_t j = 0; j < n; ++j) {
+        y[first + j] = static_cast<out_t>(r[first + j]) + static_cast<out_t>(rule(x[first + j], words[j]));
       }
-      for (int64_t i = 0; i < n;) {
-        const int64_t column = (first + i) % last;
-        const int64_t m = std::min(n - i, last - column);
-        const int64_t at = first + i;
-        for (int64_t j = 0; j < m; ++j) {
-          const in_t pre = plus_bias(x[at + j], b[column + j]);
-          y[at + j] = static_cast<out_t>(r[at + j]) + static_cast<out_t>(rule(pre, words[i + j]));
-        }
-        i += m;
+      return;
+    }
+    for (int64_t i = 0; i < n;) {
+      const int64_t column = (first + i) % last;
+      const int64_t m = std::min(n - i, last - column);
+      const int64_t at = first + i;
+      for (int64_t j = 0; j < m; ++j) {
+        const in_t pre = plus_bias(x[at + j], b[column + j]);
+        y[at + j] = static_cast<out_t>(r[at + j]) + static_cast<out_t>(rule(pre, words[i + j]));
       }
+      i += m;
     }
   });
 }
