@@ -51,8 +51,9 @@ at::Tensor sum_to_last_dim(const at::Tensor& grad) {
 }
 
 at::Tensor replay(const at::Tensor& grad, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                  std::optional<double> scale) {
-  return dropout_replay_op().call(grad, rng_state, p, shared_dims, scale);
+                  std::optional<double> scale, std::optional<at::ScalarType> dtype) {
+  if (dtype == grad.scalar_type()) dtype = std::nullopt;
+  return dropout_replay_op().call(grad, rng_state, p, shared_dims, scale, dtype);
 }
 
 variable_list ReplayMaskBackward::apply(variable_list&& grads) {
@@ -61,9 +62,8 @@ variable_list ReplayMaskBackward::apply(variable_list&& grads) {
   if (!grad_output.defined()) return grad_inputs;
   const bool want_bias = with_residual && should_compute_output(2);
   if (should_compute_output(0) || want_bias) {
-    const at::Tensor grad_dropped =
-        grad_output.scalar_type() == input_dtype ? grad_output : grad_output.to(input_dtype);
-    const at::Tensor grad_input = replay(grad_dropped, rng_state.unpack(), p, shared_dims, scale);
+    at::Tensor grad_input = replay(grad_output, rng_state.unpack(), p, shared_dims, scale, mask_dtype);
+    if (grad_input.scalar_type() != input_dtype) grad_input = grad_input.to(input_dtype);
     if (should_compute_output(0)) grad_inputs[0] = grad_input;
     if (want_bias) grad_inputs[2] = sum_to_last_dim(grad_input);
   }

@@ -54,8 +54,9 @@ at::Tensor sum_to_last_dim(const at::Tensor& grad);
 
 // input times the mask and scale that rng_state stands for (none: 1 / (1 - p)), through the
 // dispatcher, so that the replay is itself differentiable under create_graph.
+// With `dtype`, grad is converted to it first, in the same pass.
 at::Tensor replay(const at::Tensor& grad, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                  std::optional<double> scale = std::nullopt);
+                  std::optional<double> scale = std::nullopt, std::optional<at::ScalarType> dtype = std::nullopt);
 
 // A node with edges to `inputs` (undefined ones get none), made the way this torch release
 // owns nodes.
@@ -83,9 +84,11 @@ struct ReplayMaskBackward : public Node {
   std::vector<int64_t> shared_dims;
   std::optional<double> scale;  // alpha dropout: its a, in place of 1 / (1 - p)
   bool with_residual = false;   // dropout_add: next edges are (input, residual, bias)
-  // The input's dtype. dropout_add's output may be wider (a residual of another dtype): the
-  // gradient is then rounded to the input's dtype before the mask, as the unfused
-  // composition's backward rounds it.
+  // The dtype the forward applied the mask in, and the input's. The gradient is converted to
+  // the mask's dtype before the mask and to the input's after it, as the unfused
+  // composition's backward rounds it: dropout_add's output may be wider than its input (a
+  // residual of another dtype), and dropout_replay's output of another dtype than its input.
+  at::ScalarType mask_dtype = at::kFloat;
   at::ScalarType input_dtype = at::kFloat;
 
   std::string name() const override { return with_residual ? "DropoutAddBackward" : "DropoutBackward"; }
@@ -94,10 +97,13 @@ struct ReplayMaskBackward : public Node {
 };
 
 // Records `output` as made from `inputs` by a replay of rng_state's mask.
+// The mask is applied in `mask_dtype`: the input's, or dropout_replay's `dtype`.
 template <typename... Inputs>
 void record_replay(const at::Tensor& output, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                   std::optional<double> scale, bool with_residual, const at::Tensor& input, const Inputs&... others) {
+                   std::optional<double> scale, bool with_residual, at::ScalarType mask_dtype,
+                   const at::Tensor& input, const Inputs&... others) {
   auto node = new_node<ReplayMaskBackward>(input, others...);
+  node->mask_dtype = mask_dtype;
   node->input_dtype = input.scalar_type();
   node->rng_state = torch::autograd::SavedVariable(rng_state, /*is_output=*/false);
   node->p = p;

@@ -22,7 +22,9 @@ at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias) {
   return bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
 }
 
-at::Tensor empty_output_like(const at::Tensor& input) { return at::empty_like(input, at::MemoryFormat::Preserve); }
+at::Tensor empty_output_like(const at::Tensor& input, std::optional<at::ScalarType> dtype) {
+  return at::empty_like(input, input.options().dtype(dtype.value_or(input.scalar_type())), at::MemoryFormat::Preserve);
+}
 
 at::Tensor empty_state_like(const at::Tensor& input) { return at::empty({2}, input.options().dtype(at::kLong)); }
 

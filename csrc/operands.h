@@ -24,8 +24,9 @@ std::array<const int64_t*, kOperands> operand_strides(const at::Tensor& input, c
 // An op's optional bias as the kernels read it (contiguous), or an undefined tensor.
 at::Tensor contiguous_bias(const std::optional<at::Tensor>& bias);
 
-// The output of an out-of-place call: same shape, dtype, device and memory format as the input.
-at::Tensor empty_output_like(const at::Tensor& input);
+// The output of an out-of-place call: same shape, device and memory format as the input, and
+// the input's dtype unless `dtype` names another.
+at::Tensor empty_output_like(const at::Tensor& input, std::optional<at::ScalarType> dtype = std::nullopt);
 
 // An uninitialised rng_state (int64[2]) on the input's device: what a Meta kernel returns.
 at::Tensor empty_state_like(const at::Tensor& input);

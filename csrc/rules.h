@@ -191,6 +191,22 @@ struct ActGradRule {
   }
 };
 
+// dropout_add with a residual of another dtype: residual + dropout(x), the dropout rounded to
+// x's dtype and the sum done in out_t (torch's promotion of the two dtypes), as the
+// composition, dropout then the promoting add, rounds them.
+template <typename scalar_t, typename out_t>
+struct PromotedAdd {
+  MaskedScale<scalar_t> mask;
+
+  static constexpr bool kDroppedReadsInput = false;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool keeps(uint32_t word) const { return mask.keeps(word); }
+
+  template <typename res_t>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE out_t combine(res_t residual, scalar_t x, uint32_t word) const {
+    return static_cast<out_t>(residual) + static_cast<out_t>(mask(x, word));
+  }
+};
+
 // Which one-operand rule a kernel applies: plain dropout's, alpha dropout's, or activation +
 // dropout's (the run-time choice the kernels' launch turns into a rule type).
 struct RuleSpec {

@@ -96,9 +96,13 @@ def dropout_replay(
     p: float,
     shared_dims: Sequence[int] = (),
     scale: Optional[float] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``input`` times the mask that ``rng_state`` stands for and ``scale`` (default ``1 / (1 - p)``)."""
-    return _dropout_replay(input, rng_state, p, _dims(shared_dims), scale)
+    """``input`` times the mask that ``rng_state`` stands for and ``scale`` (default ``1 / (1 - p)``).
+
+    With ``dtype``, ``input`` is converted to it first, in the same pass: ``dropout_replay(g, s, p,
+    dtype=torch.bfloat16)`` equals ``dropout_replay(g.to(torch.bfloat16), s, p)`` bit for bit."""
+    return _dropout_replay(input, rng_state, p, _dims(shared_dims), scale, dtype)
 
 
 def dropout_replay_(
@@ -326,14 +330,14 @@ def _dropout_state_vmap(info, in_dims, input, seed=None, offset=0, generator=Non
 
 
 @torch.library.register_vmap("fused_dropout::dropout_replay")
-def _dropout_replay_vmap(info, in_dims, input, rng_state, p, shared_dims=(), scale=None):
+def _dropout_replay_vmap(info, in_dims, input, rng_state, p, shared_dims=(), scale=None, dtype=None):
     input_bdim, state_bdim = in_dims[0], in_dims[1]
     per_sample = state_bdim is not None
     if input_bdim is None and not per_sample:
-        return _dropout_replay(input, rng_state, p, list(shared_dims), scale), None
+        return _dropout_replay(input, rng_state, p, list(shared_dims), scale, dtype), None
     x = _batch_first(input, input_bdim, info.batch_size)
     state = rng_state.select(state_bdim, 0) if per_sample else rng_state
-    return _dropout_replay(x, state, p, _batched_dims(shared_dims, per_sample), scale), 0
+    return _dropout_replay(x, state, p, _batched_dims(shared_dims, per_sample), scale, dtype), 0
 
 
 @torch.library.register_vmap("fused_dropout::dropout_replay_")

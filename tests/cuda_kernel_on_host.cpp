@@ -6,7 +6,9 @@
 // kernel permuted, channels_last, sliced, expanded and transposed operands and shared masks,
 // walked in the merged layout that the launch plan (csrc/cuda/launch_plan.h) gives it, or sent
 // to the row-shared kernel where the plan sends them; for the row-shared kernel rows
-// of every length from one step, and that it never reads a dropped row's input.
+// of every length from one step, and that it never reads a dropped row's input; and the
+// mixed-dtype launches (a float32 residual and output beside a 2-byte input, a float32 input
+// converted to a 2-byte output) in each kernel.
 // Built and run by tests/test_cuda_kernel_on_host.py; exits non-zero on any difference.
 #include <algorithm>
 #include <cstdint>
@@ -15,6 +17,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <sys/mman.h>
@@ -48,42 +51,61 @@ inline void resolve_state(const HostState& src, uint64_t& seed, uint64_t& base) 
 
 // One launch, as cuda/launch.cuh sizes it: one thread per step of step_elems() elements.
 // The output rules the kernels are checked with: plain dropout, alpha dropout, GELU + dropout,
-// and GELU + dropout's backward (a two-operand rule).
-enum class TestRule { kDropout, kAlpha, kGelu, kGeluGrad };
+// GELU + dropout's backward (a two-operand rule), dropout_add beside a float32 residual (the
+// sum in float32), and dropout of a float32 input converted to the rule's type first.
+enum class TestRule { kDropout, kAlpha, kGelu, kGeluGrad, kPromotedAdd, kFromFloat };
 
 template <typename T, TestRule kRule>
 auto test_rule() {
-  if constexpr (kRule == TestRule::kDropout) return MaskedScale<T>::for_p(0.3);
+  if constexpr (kRule == TestRule::kDropout || kRule == TestRule::kFromFloat) return MaskedScale<T>::for_p(0.3);
   if constexpr (kRule == TestRule::kAlpha) return AlphaRule<T, acc_type<T>>::for_p(0.3);
   if constexpr (kRule == TestRule::kGelu) return ActRule<Activation::kGelu, T, acc_type<T>>{MaskedScale<T>::for_p(0.3)};
   if constexpr (kRule == TestRule::kGeluGrad) {
     return ActGradRule<Activation::kGelu, T, acc_type<T>>{MaskedScale<T>::for_p(0.3)};
   }
+  if constexpr (kRule == TestRule::kPromotedAdd) return PromotedAdd<T, float>{MaskedScale<T>::for_p(0.3)};
+}
+
+// The types the operands are stored in, for a rule running in T.
+template <typename T, TestRule kRule>
+struct StoredAs {
+  using in = std::conditional_t<kRule == TestRule::kFromFloat, float, T>;
+  using res = std::conditional_t<kRule == TestRule::kPromotedAdd, float, T>;
+  using out = res;  // the promoted sum, else T
+  using Ops = Operands<T, in, res, out>;
+};
+
+template <typename U>
+std::vector<U> fresh_values(size_t n, std::mt19937& gen) {
+  std::normal_distribution<float> normal;
+  std::vector<U> v(n);
+  for (auto& e : v) e = U(normal(gen));
+  return v;
 }
 
 // The row-major kernel, or with row_size > 0 the row-shared kernel (mask index = index / row_size).
 template <typename T, bool kAligned, bool kTwoOperands, bool kBias, TestRule kRule = TestRule::kDropout>
 bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt19937& gen, int64_t row_size = 0) {
-  std::normal_distribution<float> normal;
-  const auto fresh = [&](size_t n) {
-    std::vector<T> v(n);
-    for (auto& e : v) e = T(normal(gen));
-    return v;
-  };
+  using In = typename StoredAs<T, kRule>::in;
+  using Res = typename StoredAs<T, kRule>::res;
+  using Out = typename StoredAs<T, kRule>::out;
   // Operands start 64-byte aligned, plus `misalign` elements; sentinels around the output
   // catch writes out of bounds.
-  const std::vector<T> in = fresh(numel + 64), res = fresh(numel + 64), bias = fresh(last_size);
-  std::vector<T> out_buffer(numel + 64, T(7.0f)), want(numel + 16, T(7.0f));
+  const std::vector<In> in = fresh_values<In>(numel + 64, gen);
+  const std::vector<Res> res = fresh_values<Res>(numel + 64, gen);
+  const std::vector<T> bias = fresh_values<T>(last_size, gen);
+  std::vector<Out> out_buffer(numel + 64, Out(7.0f)), want(numel + 16, Out(7.0f));
   const auto aligned = [](auto* p) {
     const auto bytes = reinterpret_cast<uintptr_t>(p);
     return reinterpret_cast<decltype(p)>((bytes + 63) & ~uintptr_t{63});
   };
-  const T* x = aligned(in.data()) + misalign;
-  const T* r = aligned(res.data()) + misalign;
-  T* out = aligned(out_buffer.data());
+  const In* x = aligned(in.data()) + misalign;
+  const Res* r = aligned(res.data()) + misalign;
+  Out* out = aligned(out_buffer.data());
   const auto rule = test_rule<T, kRule>();
   const HostState state{0x9E3779B97F4A7C15ull, (uint64_t{1} << 32) - 3};  // the counter carries mid-call
-  const Operands<T> ops{x, kTwoOperands ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
+  const typename StoredAs<T, kRule>::Ops ops{
+      x, kTwoOperands ? r : nullptr, kBias ? bias.data() : nullptr, out + misalign, numel, last_size};
 
   constexpr int64_t kStep = step_elems<T>();
   // Both kernels take a step per thread, as the plan for row-major operands sizes the grid.
@@ -101,14 +123,15 @@ bool kernel_matches_rule(int64_t numel, int64_t last_size, int misalign, std::mt
   for (int64_t i = 0; i < numel; ++i) {
     const int64_t mask_index = row_size > 0 ? i / row_size : i;
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
-    const T v = kBias ? plus_bias(x[i], bias[i % last_size]) : x[i];
+    const T converted = static_cast<T>(x[i]);
+    const T v = kBias ? plus_bias(converted, bias[i % last_size]) : converted;
     if constexpr (kTwoOperands) {
       want[misalign + i] = rule.combine(r[i], v, word);
     } else {
       want[misalign + i] = rule(v, word);
     }
   }
-  if (std::memcmp(out, want.data(), want.size() * sizeof(T)) == 0) return true;
+  if (std::memcmp(out, want.data(), want.size() * sizeof(Out)) == 0) return true;
   std::printf(
       "differs: %zu-byte type, numel %lld, last dim %lld, row %lld, offset %d elements, aligned=%d pair=%d bias=%d "
       "rule=%d\n",
@@ -139,6 +162,14 @@ int failures(std::mt19937& gen) {
       failed += !kernel_matches_rule<T, false, true, true, TestRule::kGeluGrad>(n, last_size, 1, gen);
       failed += !kernel_matches_rule<T, true, true, false, TestRule::kGeluGrad>(n, last_size, 0, gen);
       cases += 12;
+      if constexpr (sizeof(T) == 2) {  // the mixed-dtype launches: a 2-byte branch beside float32
+        failed += !kernel_matches_rule<T, false, true, true, TestRule::kPromotedAdd>(n, last_size, 1, gen);
+        failed += !kernel_matches_rule<T, true, true, false, TestRule::kPromotedAdd>(n, last_size, 0, gen);
+        failed += !kernel_matches_rule<T, true, true, true, TestRule::kPromotedAdd>(n, last_size, 0, gen);
+        failed += !kernel_matches_rule<T, false, false, false, TestRule::kFromFloat>(n, last_size, 1, gen);
+        failed += !kernel_matches_rule<T, true, false, false, TestRule::kFromFloat>(n, last_size, 0, gen);
+        cases += 5;
+      }
     }
   }
   std::printf("row-major kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
@@ -162,6 +193,12 @@ int row_shared_failures(std::mt19937& gen) {
       failed += !kernel_matches_rule<T, false, false, true, TestRule::kGelu>(n, 13, 1, gen, row_size);
       failed += !kernel_matches_rule<T, true, true, true, TestRule::kGeluGrad>(n, 13, 0, gen, row_size);
       cases += 8;
+      if constexpr (sizeof(T) == 2) {
+        failed += !kernel_matches_rule<T, true, true, true, TestRule::kPromotedAdd>(n, 13, 0, gen, row_size);
+        failed += !kernel_matches_rule<T, false, true, false, TestRule::kPromotedAdd>(n, 8, 1, gen, row_size);
+        failed += !kernel_matches_rule<T, true, false, false, TestRule::kFromFloat>(n, 8, 0, gen, row_size);
+        cases += 3;
+      }
     }
   }
   std::printf("row-shared kernel, %zu-byte type: %d of %d launches differ\n", sizeof(T), failed, cases);
@@ -261,24 +298,22 @@ int row_shared_launches = 0;  // launches of strided cases that the plan sends t
 
 template <typename T, bool kTwoOperands, TestRule kRule = TestRule::kDropout>
 bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
+  using In = typename StoredAs<T, kRule>::in;
+  using Res = typename StoredAs<T, kRule>::res;
+  using Out = typename StoredAs<T, kRule>::out;
   constexpr bool kBias = kTwoOperands || kRule == TestRule::kGelu;  // every dropout_add case here has a bias
   const std::vector<int64_t> res_strides = c.res.empty() ? row_major(c.sizes) : c.res;
   const std::vector<int64_t> mask = mask_strides(c.whole_sizes.empty() ? c.sizes : c.whole_sizes, c.shared_dims);
   int64_t mask_origin = 0;
   for (size_t d = 0; d < c.shard_origin.size(); ++d) mask_origin += c.shard_origin[d] * mask[d];
   const int64_t numel = std::accumulate(c.sizes.begin(), c.sizes.end(), int64_t{1}, std::multiplies<>());
-  std::normal_distribution<float> normal;
-  const auto fresh = [&](int64_t n) {
-    std::vector<T> v(n);
-    for (auto& e : v) e = T(normal(gen));
-    return v;
-  };
-  const std::vector<T> in = fresh(span(c.sizes, c.in)), res = fresh(span(c.sizes, res_strides));
-  const std::vector<T> bias = fresh(c.sizes.back());
-  std::vector<T> out(span(c.sizes, c.out), T(7.0f)), want(out);
+  const std::vector<In> in = fresh_values<In>(span(c.sizes, c.in), gen);
+  const std::vector<Res> res = fresh_values<Res>(span(c.sizes, res_strides), gen);
+  const std::vector<T> bias = fresh_values<T>(c.sizes.back(), gen);
+  std::vector<Out> out(span(c.sizes, c.out), Out(7.0f)), want(out);
   const auto rule = test_rule<T, kRule>();
   const HostState state{0xD1B54A32D192ED03ull, (uint64_t{1} << 32) - 2};
-  const Operands<T> ops{
+  const typename StoredAs<T, kRule>::Ops ops{
       in.data(), kTwoOperands ? res.data() : nullptr, kBias ? bias.data() : nullptr, out.data(), numel, c.sizes.back()};
   // The launch cuda/launch.cuh makes: its plan (cuda/launch_plan.h) picks the kernel, the walk
   // and the grid. wide_index forces the 64-bit index math a small case would not get.
@@ -313,14 +348,15 @@ bool strided_kernel_matches_rule(const StridedCase& c, std::mt19937& gen) {
       mask_index += index * mask[d];
     }
     const uint32_t word = mask_words(state.seed, state.base, static_cast<uint64_t>(mask_index / 4)).w[mask_index % 4];
-    const T v = kBias ? plus_bias(in[in_offset], bias[column]) : in[in_offset];
+    const T converted = static_cast<T>(in[in_offset]);
+    const T v = kBias ? plus_bias(converted, bias[column]) : converted;
     if constexpr (kTwoOperands) {
       want[out_offset] = rule.combine(res[res_offset], v, word);
     } else {
       want[out_offset] = rule(v, word);
     }
   }
-  if (std::memcmp(out.data(), want.data(), out.size() * sizeof(T)) == 0) return true;
+  if (std::memcmp(out.data(), want.data(), out.size() * sizeof(Out)) == 0) return true;
   std::printf("differs: strided kernel, %zu-byte type, %s, add=%d rule=%d (merged into %lld dims)\n", sizeof(T),
               c.name.c_str(), kTwoOperands, static_cast<int>(kRule), static_cast<long long>(plan.layout.ndim));
   return false;
@@ -396,6 +432,11 @@ int strided_failures(std::mt19937& gen) {
     failed += !strided_kernel_matches_rule<T, false, TestRule::kGelu>(c, gen);
     failed += !strided_kernel_matches_rule<T, true, TestRule::kGeluGrad>(c, gen);
     cases += 3;
+    if constexpr (sizeof(T) == 2) {
+      failed += !strided_kernel_matches_rule<T, true, TestRule::kPromotedAdd>(c, gen);
+      failed += !strided_kernel_matches_rule<T, false, TestRule::kFromFloat>(c, gen);
+      cases += 2;
+    }
   }
   std::printf("strided kernel, %zu-byte type: %d of %d launches differ (%d of them row-shared)\n", sizeof(T), failed,
               cases, row_shared_launches);

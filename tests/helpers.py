@@ -72,20 +72,30 @@ INNER_LOOP_SHAPE = (4 * 8192 * 2 // 63 + 1, 63)  # several parallel tasks, rows 
 INNER_LOOP_SEED, INNER_LOOP_OFFSET = 2**63 + 1, 2**32 - 40
 
 
-def inner_loop_inputs(dtype: torch.dtype):
+# The ops of the check: each loop of the table in csrc/cpu/simd.h. "float_residual": dropout_add
+# with a float32 residual; "replay_from_float": a float32 input replayed into the dtype.
+INNER_LOOP_OPS = ["dropout", "dropout_add", "dropout_add_no_bias", "float_residual", "replay_from_float"]
+
+
+def inner_loop_inputs(dtype: torch.dtype, op: str = "dropout"):
     """x, residual, bias with special values where the vector loops have full and partial steps."""
     shapes = [INNER_LOOP_SHAPE, INNER_LOOP_SHAPE, INNER_LOOP_SHAPE[-1:]]
-    x, r, b = (random_input(s, dtype, seed=k) for k, s in enumerate(shapes))
+    x_dtype = torch.float32 if op == "replay_from_float" else dtype
+    r_dtype = torch.float32 if op == "float_residual" else dtype
+    x, r, b = (random_input(s, t, seed=k) for k, (s, t) in enumerate(zip(shapes, (x_dtype, r_dtype, dtype))))
     return with_special_values(x), with_special_values(r.flip(0)), b
 
 
-def inner_loop_call(op: str, x, r, b):
+def inner_loop_call(op: str, dtype: torch.dtype, x, r, b):
     import fused_dropout
 
     kwargs = dict(seed=INNER_LOOP_SEED, offset=INNER_LOOP_OFFSET)
     if op == "dropout":
         return fused_dropout.dropout(x, 0.3, **kwargs)
-    return fused_dropout.dropout_add(x, r, 0.3, bias=b if op == "dropout_add" else None, **kwargs)
+    if op == "replay_from_float":
+        state = torch.tensor([INNER_LOOP_SEED - 2**64, INNER_LOOP_OFFSET])
+        return fused_dropout.ops.dropout_replay(x, state, 0.3, dtype=dtype)
+    return fused_dropout.dropout_add(x, r, 0.3, bias=None if op == "dropout_add_no_bias" else b, **kwargs)
 
 
 def saved_bytes(fn, x):

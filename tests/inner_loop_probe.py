@@ -12,6 +12,7 @@ from helpers import inner_loop_call, inner_loop_inputs
 
 if __name__ == "__main__":
     dtype, op, out_file = sys.argv[1:]
-    y = inner_loop_call(op, *inner_loop_inputs(getattr(torch, dtype)))
+    dtype = getattr(torch, dtype)
+    y = inner_loop_call(op, dtype, *inner_loop_inputs(dtype, op))
     with open(out_file, "wb") as f:
         f.write(y.view(torch.uint8).numpy().tobytes())

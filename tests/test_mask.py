@@ -16,6 +16,7 @@ from helpers import (
     DEVICES,
     DTYPES,
     INNER_LOOP_OFFSET,
+    INNER_LOOP_OPS,
     INNER_LOOP_SEED,
     INNER_LOOP_SHAPE,
     assert_bitwise_equal,
@@ -174,7 +175,7 @@ def test_cpu_and_cuda_are_bit_identical_for_the_same_seed(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("op", ["dropout", "dropout_add", "dropout_add_no_bias"])
+@pytest.mark.parametrize("op", INNER_LOOP_OPS)
 def test_cpu_inner_loops_agree_with_reference(dtype, op, tmp_path):
     # The CPU kernel picks AVX-512 loops where the CPU has them, else portable ones; run
     # each in a fresh process, since the choice is made once per process. Both must give the
@@ -189,14 +190,17 @@ def test_cpu_inner_loops_agree_with_reference(dtype, op, tmp_path):
         outputs[disable_avx512] = out_file.read_bytes()
     assert outputs["0"] == outputs["1"], "the AVX-512 and portable loops give different bits"
 
-    x, r, b = inner_loop_inputs(getattr(torch, dtype))
+    dtype = getattr(torch, dtype)
+    x, r, b = inner_loop_inputs(dtype, op)
     if op == "dropout":
         expected = reference.dropout(x, 0.3, INNER_LOOP_SEED, INNER_LOOP_OFFSET)
-    else:  # each step rounded to the dtype, as the unfused ops would
-        biased = (x.float() + b.float()).to(x.dtype) if op == "dropout_add" else x
+    elif op == "replay_from_float":  # converted to the dtype, then dropped
+        expected = reference.dropout(x.to(dtype), 0.3, INNER_LOOP_SEED, INNER_LOOP_OFFSET)
+    else:  # each step rounded to the dtype, as the unfused ops would; the sum to the residual's
+        biased = (x.float() + b.float()).to(x.dtype) if op != "dropout_add_no_bias" else x
         dropped = reference.dropout(biased, 0.3, INNER_LOOP_SEED, INNER_LOOP_OFFSET)
-        expected = (r.float() + dropped.float()).to(x.dtype)
-    actual = torch.frombuffer(bytearray(outputs["0"]), dtype=torch.uint8).view(x.dtype).view(INNER_LOOP_SHAPE)
+        expected = (r.float() + dropped.float()).to(r.dtype)
+    actual = torch.frombuffer(bytearray(outputs["0"]), dtype=torch.uint8).view(expected.dtype).view(INNER_LOOP_SHAPE)
     nan = torch.isnan(expected)
     assert nan.any() and torch.equal(torch.isnan(actual), nan)
     # NaN payloads differ between torch's conversions, so the NaNs are compared by position.

@@ -13,7 +13,7 @@ from torch import nn
 import fused_dropout as fd
 
 import reference
-from helpers import DEVICES, assert_bitwise_equal, random_input
+from helpers import DEVICES, assert_bitwise_equal, random_input, with_special_values
 
 SEED = 4321
 
@@ -457,6 +457,124 @@ def test_gradcheck_of_a_residual_of_another_dtype(with_bias):
     keep = torch.from_numpy(reference.keep_mask((3, 4), 0.4, SEED))
     assert torch.equal(gx, torch.where(keep, torch.tensor(1 / 0.6, dtype=torch.float32), 0.0))
     assert math.isfinite(gx.sum().item())
+
+
+# The backward of a residual of another dtype: dropout_replay converts the gradient to the
+# input's dtype in the same pass (dtype=), which equals the conversion then the replay.
+
+REPLAY_DTYPES = [
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float32),
+    (torch.float16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("input_dtype,dtype", REPLAY_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "shared_dims", "long"])
+def test_replay_into_another_dtype_is_the_conversion_then_the_replay(device, input_dtype, dtype, layout):
+    shape = (3, 100_003) if layout == "long" else (6, 35)
+    x = with_special_values(random_input(shape, input_dtype, device))
+    dims = [0] if layout == "shared_dims" else []
+    if layout == "transposed":
+        x = random_input(shape[::-1], input_dtype, device).t()
+    state = torch.tensor([SEED, 7], device=device)
+    for scale in (None, 1.75):
+        got = fd.ops.dropout_replay(x, state, 0.3, dims, scale, dtype=dtype)
+        expected = fd.ops.dropout_replay(x.to(dtype), state, 0.3, dims, scale)
+        assert got.dtype == dtype and got.stride() == expected.stride()
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(got), nan)
+        assert_bitwise_equal(got[~nan], expected[~nan])
+
+
+@pytest.mark.parametrize("input_dtype,residual_dtype", MIXED, ids=str)
+def test_backward_of_a_residual_of_another_dtype_is_one_replay(input_dtype, residual_dtype):
+    # The input's gradient is one dropout_replay from the output's dtype to the input's: the
+    # wider gradient is read once, with no conversion op before it. (A residual that needs a
+    # gradient gets grad_output, converted to its dtype by the autograd engine, as torch's
+    # composition does.)
+    shape = (257, 1031)
+    x = random_input(shape, input_dtype).requires_grad_(True)
+    residual = random_input(shape, residual_dtype, seed=1)
+    out = fd.dropout_add(x, residual, 0.3, seed=SEED, offset=3)
+    grad = random_input(shape, out.dtype, seed=2)
+    ran = _aten_and_fused_ops_run_by(lambda: torch.autograd.grad(out, x, grad, retain_graph=True))
+    assert ran == ["fused_dropout.dropout_replay"]
+    (gx,) = torch.autograd.grad(out, x, grad)
+    assert gx.dtype == input_dtype
+    assert_bitwise_equal(gx, fd.ops.dropout_replay(grad.to(input_dtype), torch.tensor([SEED, 3]), 0.3))
+
+
+def _aten_and_fused_ops_run_by(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace in ("aten", "fused_dropout") and func.namespace + "." + func.__name__ not in _VIEWS:
+                seen.append(f"{func.namespace}.{func.__name__.split('.')[0]}")
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+_VIEWS = {"aten.detach.default", "aten.alias.default"}
+
+
+@pytest.mark.parametrize("input_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_autograd_of_a_replay_into_another_dtype(input_dtype, dtype):
+    # The conversion then the replay: its gradient is the replay then the conversion back,
+    # its tangent the conversion then the replay, bit for bit, in both directions of width.
+    state = torch.tensor([SEED, 5])
+    x = random_input((7, 9), input_dtype).requires_grad_(True)
+    out = fd.ops.dropout_replay(x, state, 0.4, dtype=dtype)
+    xr = x.detach().clone().requires_grad_(True)
+    expected = fd.ops.dropout_replay(xr.to(dtype), state, 0.4)
+    assert_bitwise_equal(out, expected)
+    grad = random_input((7, 9), dtype, seed=1)
+    assert_bitwise_equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, xr, grad)[0])
+    tangent = random_input((7, 9), input_dtype, seed=2)
+    _, jvp = torch.func.jvp(lambda t: fd.ops.dropout_replay(t, state, 0.4, dtype=dtype), (x.detach(),), (tangent,))
+    _, jvp_expected = torch.func.jvp(
+        lambda t: fd.ops.dropout_replay(t.to(dtype), state, 0.4), (x.detach(),), (tangent,)
+    )
+    assert_bitwise_equal(jvp, jvp_expected)
+
+
+def test_gradcheck_of_a_replay_with_a_dtype():
+    # float64 both ways: gradcheck and gradgradcheck, with forward AD and batched grads.
+    state = torch.tensor([SEED, 5])
+    x = random_input((4, 5), torch.float64).requires_grad_(True)
+
+    def f(t):
+        return fd.ops.dropout_replay(t, state, 0.4, dtype=torch.float64)
+
+    assert torch.autograd.gradcheck(f, (x,), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_opcheck_and_vmap_of_a_replay_into_another_dtype():
+    x = random_input((4, 6), torch.float32).requires_grad_(True)
+    state = torch.tensor([SEED, 2])
+    for args in ((x, state, 0.3, [], None, torch.bfloat16), (x, state, 0.3, [1], 2.0, torch.float16)):
+        torch.library.opcheck(torch.ops.fused_dropout.dropout_replay.default, args)
+    batch = random_input((3, 4, 6), torch.float32)
+    per_sample = torch.func.vmap(lambda t: fd.ops.dropout_replay(t, state, 0.3, dtype=torch.bfloat16))(batch)
+    for i in range(3):
+        assert_bitwise_equal(per_sample[i], fd.ops.dropout_replay(batch[i], state, 0.3, dtype=torch.bfloat16))
+
+
+def test_a_replay_into_a_dtype_that_is_not_floating_is_refused():
+    x = random_input((4, 6), torch.float32)
+    for device in ("cpu", "meta"):
+        with pytest.raises(RuntimeError, match="dtype must be float32, float64, float16 or bfloat16, got Int"):
+            fd.ops.dropout_replay(x.to(device), torch.tensor([1, 2], device=device), 0.3, dtype=torch.int32)
 
 
 # replace_dropout changes nothing a model computes.

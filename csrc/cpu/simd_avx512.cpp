@@ -5,7 +5,8 @@
 // the auto-vectorised scalar loop cannot express.
 // Output: the shared output rule for float32, vectorised 16 wide; float16 and bfloat16
 // widened to float32 (F16C for float16, shifts for bfloat16), through the same rule, and
-// narrowed back with c10's rounding; dropout_add in float16 and bfloat16 the same way.
+// narrowed back with c10's rounding; dropout_add in float16 and bfloat16 the same way, with a
+// residual of the same format or of float32; and a float32 input replayed into a 2-byte output.
 //
 // The whole file is compiled for AVX-512F and includes nothing but philox.h (no ATen), so
 // no AVX-512 code can end up in an inline function or static initialiser that other files
@@ -136,42 +137,78 @@ inline __m512 dropout_lanes(__m512 x, const uint32_t* words, const MaskedScale<f
 // Runs `lanes(i, x16, residual16, words16, y16)` over [0, count) 16 at a time (residual may
 // be null); the last partial 16 runs on zero-padded copies, so every element takes the same
 // vector path.
-template <typename Lanes16>
-inline void for_each_16(const uint16_t* x, const uint16_t* residual, const uint32_t* words, uint16_t* y, int64_t count,
-                        Lanes16 lanes) {
+template <typename X, typename R, typename Y, typename Lanes16>
+inline void for_each_16(const X* x, const R* residual, const uint32_t* words, Y* y, int64_t count, Lanes16 lanes) {
   int64_t i = 0;
   for (; i + kLanes <= count; i += kLanes) {
     lanes(i, x + i, residual != nullptr ? residual + i : nullptr, words + i, y + i);
   }
   if (i == count) return;
-  alignas(32) uint16_t x_pad[kLanes] = {}, residual_pad[kLanes] = {}, y_pad[kLanes];
+  alignas(64) X x_pad[kLanes] = {};
+  alignas(64) R residual_pad[kLanes] = {};
+  alignas(64) Y y_pad[kLanes];
   alignas(64) uint32_t words_pad[kLanes] = {};
   const int64_t rest = count - i;
-  std::memcpy(x_pad, x + i, rest * sizeof(uint16_t));
-  if (residual != nullptr) std::memcpy(residual_pad, residual + i, rest * sizeof(uint16_t));
+  std::memcpy(x_pad, x + i, rest * sizeof(X));
+  if (residual != nullptr) std::memcpy(residual_pad, residual + i, rest * sizeof(R));
   std::memcpy(words_pad, words + i, rest * sizeof(uint32_t));
   lanes(i, x_pad, residual_pad, words_pad, y_pad);
-  std::memcpy(y + i, y_pad, rest * sizeof(uint16_t));
+  std::memcpy(y + i, y_pad, rest * sizeof(Y));
+}
+
+// 16 lanes of float32 or of a 2-byte format's bits, as float32; and back.
+template <typename Format>
+inline __m512 load_float_lanes(const uint16_t* p) {
+  return Format::widen(load_lanes(p));
+}
+template <typename Format>
+inline __m512 load_float_lanes(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <typename Format>
+inline void store_float_lanes(uint16_t* p, __m512 v) {
+  store_lanes(p, Format::narrow(v));
+}
+template <typename Format>
+inline void store_float_lanes(float* p, __m512 v) {
+  _mm512_storeu_ps(p, v);
+}
+
+// A float32 value rounded to the 2-byte format, kept as float32.
+template <typename Format>
+inline __m512 round_to(__m512 v) {
+  return Format::widen(Format::narrow(v));
 }
 
 template <typename Format>
 // The rule is taken by value in each loop below: through the caller's reference the compiler
 // must assume the output stores may change it, and reloads it for every lane.
 void dropout_2byte(const Run<uint16_t>& run, const MaskedScale<float, float> rule) {
-  for_each_16(run.x, nullptr, run.words, run.y, run.count,
+  for_each_16(run.x, static_cast<const uint16_t*>(nullptr), run.words, run.y, run.count,
               [&](int64_t, const uint16_t* x16, const uint16_t*, const uint32_t* w16, uint16_t* y16) {
                 store_lanes(y16, Format::narrow(dropout_lanes(Format::widen(load_lanes(x16)), w16, rule)));
               });
 }
 
-// residual + dropout(x + bias), each of the three steps narrowed to the 2-byte format as the
-// unfused ops would round it. The bias runs along rows of last_size elements.
+// dropout of a float32 input rounded to the 2-byte format first: the replay of a float32
+// gradient into a 2-byte one, as the conversion and then the 2-byte replay round it.
 template <typename Format>
-void dropout_add_2byte(const Run<uint16_t>& run, const MaskedScale<float, float> rule) {
-  const auto round = [](__m512 v) { return Format::widen(Format::narrow(v)); };
+void dropout_from_float_2byte(const Run<float, float, uint16_t>& run, const MaskedScale<float, float> rule) {
+  for_each_16(run.x, static_cast<const float*>(nullptr), run.words, run.y, run.count,
+              [&](int64_t, const float* x16, const float*, const uint32_t* w16, uint16_t* y16) {
+                store_lanes(y16, Format::narrow(dropout_lanes(round_to<Format>(_mm512_loadu_ps(x16)), w16, rule)));
+              });
+}
+
+// residual + dropout(x + bias) for a 2-byte x and bias, and a residual and output of the
+// same format or of float32: x + bias and the dropout narrowed to the 2-byte format, the sum
+// to the output's, as the unfused ops (the last one promoting) would round them. The bias runs
+// along rows of last_size elements.
+template <typename Format, typename Wide>
+void dropout_add_2byte(const Run<uint16_t, Wide, Wide>& run, const MaskedScale<float, float> rule) {
   const uint16_t* bias = run.bias;
   for_each_16(run.x, run.residual, run.words, run.y, run.count,
-              [&](int64_t i, const uint16_t* x16, const uint16_t* res16, const uint32_t* w16, uint16_t* y16) {
+              [&](int64_t i, const uint16_t* x16, const Wide* res16, const uint32_t* w16, Wide* y16) {
                 __m512 v = Format::widen(load_lanes(x16));
                 if (bias != nullptr) {
                   alignas(32) uint16_t bias16[kLanes];
@@ -181,10 +218,10 @@ void dropout_add_2byte(const Run<uint16_t>& run, const MaskedScale<float, float>
                   } else {  // the 16 lanes cross the end of a row
                     for (int j = 0; j < kLanes; ++j, c = c + 1 == run.last_size ? 0 : c + 1) bias16[j] = bias[c];
                   }
-                  v = round(_mm512_add_ps(v, Format::widen(load_lanes(bias16))));
+                  v = round_to<Format>(_mm512_add_ps(v, Format::widen(load_lanes(bias16))));
                 }
-                const __m512 dropped = round(dropout_lanes(v, w16, rule));
-                store_lanes(y16, Format::narrow(_mm512_add_ps(Format::widen(load_lanes(res16)), dropped)));
+                const __m512 dropped = round_to<Format>(dropout_lanes(v, w16, rule));
+                store_float_lanes<Format>(y16, _mm512_add_ps(load_float_lanes<Format>(res16), dropped));
               });
 }
 
@@ -199,8 +236,10 @@ void dropout_float(const Run<float>& run, const MaskedScale<float, float> rule) 
 constexpr Avx512Loops kLoops{
     &fill_mask_words_avx512,
     &dropout_float,
-    {&dropout_2byte<HalfLanes>, &dropout_add_2byte<HalfLanes>},
-    {&dropout_2byte<BFloat16Lanes>, &dropout_add_2byte<BFloat16Lanes>},
+    {&dropout_2byte<HalfLanes>, &dropout_add_2byte<HalfLanes, uint16_t>, &dropout_add_2byte<HalfLanes, float>,
+     &dropout_from_float_2byte<HalfLanes>},
+    {&dropout_2byte<BFloat16Lanes>, &dropout_add_2byte<BFloat16Lanes, uint16_t>,
+     &dropout_add_2byte<BFloat16Lanes, float>, &dropout_from_float_2byte<BFloat16Lanes>},
 };
 
 }  // namespace

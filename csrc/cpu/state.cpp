@@ -53,8 +53,8 @@ bool huge_pages_requested() {
 
 }  // namespace
 
-at::Tensor new_output(const at::Tensor& input) {
-  at::Tensor output = empty_output_like(input);
+at::Tensor new_output(const at::Tensor& input, std::optional<at::ScalarType> dtype) {
+  at::Tensor output = empty_output_like(input, dtype);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const size_t bytes = output.storage().nbytes();

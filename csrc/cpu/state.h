@@ -26,6 +26,6 @@ RngState read_state(const at::Tensor& rng_state);
 at::Tensor state_tensor(RngState state);
 
 // The output of an out-of-place CPU call (empty_output_like), with the huge-page hint below.
-at::Tensor new_output(const at::Tensor& input);
+at::Tensor new_output(const at::Tensor& input, std::optional<at::ScalarType> dtype = std::nullopt);
 
 }  // namespace fused_dropout

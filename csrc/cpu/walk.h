@@ -57,18 +57,30 @@ Run<uint16_t> as_bits(const Run<scalar_t>& run) {
           run.count};
 }
 
+template <typename scalar_t>
+constexpr bool kTwoByteFloat = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// The AVX-512 loops of a 2-byte type where the CPU has them, else null.
+template <typename scalar_t>
+const TwoByteLoops* two_byte_loops() {
+  static_assert(kTwoByteFloat<scalar_t>);
+  const Avx512Loops* simd = simd_loops();
+  if (simd == nullptr) return nullptr;
+  return std::is_same_v<scalar_t, c10::Half> ? &simd->half : &simd->bfloat16;
+}
+
 // One contiguous run (simd.h): the AVX-512 loops where the CPU has them (plain dropout and
 // dropout_add), else a loop the compiler vectorises.
 template <typename scalar_t, bool kTwoOperands, typename Rule>
 void apply_run(const Run<scalar_t>& run, const Rule& rule) {
-  const Avx512Loops* simd = std::is_same_v<Rule, MaskedScale<scalar_t>> ? simd_loops() : nullptr;
   if constexpr (std::is_same_v<Rule, MaskedScale<scalar_t>>) {
-    if (simd != nullptr) {
-      if constexpr (std::is_same_v<scalar_t, float> && !kTwoOperands) return simd->dropout_float(run, rule);
-      if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-        const TwoByteLoops& loops = std::is_same_v<scalar_t, c10::Half> ? simd->half : simd->bfloat16;
-        return (kTwoOperands ? loops.dropout_add : loops.dropout)(as_bits(run),
-                                                                  MaskedScale<float, float>{rule.keep, rule.scale});
+    if constexpr (std::is_same_v<scalar_t, float> && !kTwoOperands) {
+      if (const Avx512Loops* simd = simd_loops()) return simd->dropout_float(run, rule);
+    }
+    if constexpr (kTwoByteFloat<scalar_t>) {
+      if (const TwoByteLoops* loops = two_byte_loops<scalar_t>()) {
+        return (kTwoOperands ? loops->dropout_add : loops->dropout)(as_bits(run),
+                                                                    MaskedScale<float, float>{rule.keep, rule.scale});
       }
     }
   }

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "layout.h"
 #include "philox.h"
@@ -33,21 +34,40 @@ struct alignas(sizeof(scalar_t) * N) Vec {
 };
 
 // The operands of one call: out = rule(in + bias), or with kTwoOperands rule.combine(res, in + bias);
-// the bias (optional) runs along the last dim.
-template <typename scalar_t>
+// the bias (optional) runs along the last dim. The rule runs in scalar_t. The input may be
+// stored in another type (in_t, converted to scalar_t first: a replay into another dtype),
+// and the residual and output in others (a residual of another dtype, the sum promoted).
+template <typename scalar_t, typename in_t = scalar_t, typename res_t = scalar_t, typename out_t = scalar_t>
 struct Operands {
-  const scalar_t* in;
-  const scalar_t* res;   // kTwoOperands only: dropout_add's residual, act_dropout_backward's gradient
+  using input_type = in_t;
+  using residual_type = res_t;
+  using output_type = out_t;
+
+  const in_t* in;
+  const res_t* res;      // kTwoOperands only: dropout_add's residual, act_dropout_backward's gradient
   const scalar_t* bias;  // may be null
-  scalar_t* out;
+  out_t* out;
   int64_t numel;
   int64_t last_size;  // size of the last dim, where the bias runs
 };
 
+// v converted element by element (a copy where the types are the same).
+template <typename to_t, typename from_t, int N>
+__device__ __forceinline__ Vec<to_t, N> convert(const Vec<from_t, N>& v) {
+  if constexpr (std::is_same_v<to_t, from_t>) {
+    return v;
+  } else {
+    Vec<to_t, N> out;
+#pragma unroll
+    for (int j = 0; j < N; ++j) out.v[j] = static_cast<to_t>(v.v[j]);
+    return out;
+  }
+}
+
 // x[j] = x[j] + bias[column of element first + j], rounded as torch's add: one division per
 // step, not per element.
-template <typename scalar_t, int N>
-__device__ __forceinline__ void add_bias(Vec<scalar_t, N>& x, const Operands<scalar_t>& ops, int64_t first) {
+template <typename scalar_t, int N, typename Ops>
+__device__ __forceinline__ void add_bias(Vec<scalar_t, N>& x, const Ops& ops, int64_t first) {
   int64_t column = first % ops.last_size;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
@@ -57,10 +77,10 @@ __device__ __forceinline__ void add_bias(Vec<scalar_t, N>& x, const Operands<sca
 }
 
 // The rule over one step: y[j] = rule(x[j], word_of(j)), or with kTwoOperands rule.combine(r[j], x[j], word_of(j)).
-template <bool kTwoOperands, typename scalar_t, int N, typename Rule, typename WordOf>
-__device__ __forceinline__ Vec<scalar_t, N> apply_rule(const Vec<scalar_t, N>& x, const Vec<scalar_t, N>& r,
-                                                       const Rule& rule, WordOf word_of) {
-  Vec<scalar_t, N> y;
+template <bool kTwoOperands, typename out_t, typename scalar_t, typename res_t, int N, typename Rule, typename WordOf>
+__device__ __forceinline__ Vec<out_t, N> apply_rule(const Vec<scalar_t, N>& x, const Vec<res_t, N>& r,
+                                                    const Rule& rule, WordOf word_of) {
+  Vec<out_t, N> y;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     if constexpr (kTwoOperands) {
@@ -77,21 +97,24 @@ __device__ __forceinline__ Vec<scalar_t, N> apply_rule(const Vec<scalar_t, N>& x
 // or two 16-byte loads and stores per operand; otherwise it is the tensor's last, partial step.
 // kBias is a template argument rather than a test of ops.bias: a branch between the loads and
 // their use made the compiler unpack the loaded registers at once, before the Philox rounds.
-template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, bool kFull, typename Rule>
-__device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, uint64_t seed, uint64_t base,
-                                                const Rule& rule, int64_t first) {
+template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, bool kFull, typename Ops, typename Rule>
+__device__ __forceinline__ void contiguous_step(const Ops& ops, uint64_t seed, uint64_t base, const Rule& rule,
+                                                int64_t first) {
+  using in_t = typename Ops::input_type;
+  using res_t = typename Ops::residual_type;
+  using out_t = typename Ops::output_type;
   constexpr int kStep = step_elems<scalar_t>();
-  using V = Vec<scalar_t, kStep>;
   const int64_t numel = ops.numel;
-  V x, r;
+  Vec<in_t, kStep> loaded;
+  Vec<res_t, kStep> r;
   if constexpr (kAligned && kFull) {
-    x = *reinterpret_cast<const V*>(ops.in + first);
-    if (kTwoOperands) r = *reinterpret_cast<const V*>(ops.res + first);
+    loaded = *reinterpret_cast<const Vec<in_t, kStep>*>(ops.in + first);
+    if (kTwoOperands) r = *reinterpret_cast<const Vec<res_t, kStep>*>(ops.res + first);
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
-      x.v[j] = kFull || first + j < numel ? ops.in[first + j] : scalar_t(0);
-      if (kTwoOperands) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : scalar_t(0);
+      loaded.v[j] = kFull || first + j < numel ? ops.in[first + j] : in_t(0);
+      if (kTwoOperands) r.v[j] = kFull || first + j < numel ? ops.res[first + j] : res_t(0);
     }
   }
   PhiloxWords w[kStep / 4];
@@ -99,10 +122,11 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
   for (int g = 0; g < kStep / 4; ++g) w[g] = mask_words(seed, base, static_cast<uint64_t>(first / 4 + g));
   // The loaded values are first touched here, after the Philox rounds, which run while the
   // loads are in flight.
+  Vec<scalar_t, kStep> x = convert<scalar_t>(loaded);
   if constexpr (kBias) add_bias(x, ops, first);
-  const V y = apply_rule<kTwoOperands>(x, r, rule, [&](int k) { return w[k / 4].w[k % 4]; });
+  const Vec<out_t, kStep> y = apply_rule<kTwoOperands, out_t>(x, r, rule, [&](int k) { return w[k / 4].w[k % 4]; });
   if constexpr (kAligned && kFull) {
-    *reinterpret_cast<V*>(ops.out + first) = y;
+    *reinterpret_cast<Vec<out_t, kStep>*>(ops.out + first) = y;
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
@@ -115,8 +139,10 @@ __device__ __forceinline__ void contiguous_step(const Operands<scalar_t>& ops, u
 // step. Straight-line code lets ptxas issue a 2-byte type's 16-byte load before the Philox
 // rounds, which then run while the load is in flight (benchmarks/NOTES.md has the SASS
 // reading that motivated it).
-template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, typename Rule, typename StateSource>
-__global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t> ops, StateSource src, Rule rule) {
+template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, typename Rule, typename StateSource,
+          typename... Types>
+__global__ void __launch_bounds__(kThreads)
+    contiguous_kernel(Operands<scalar_t, Types...> ops, StateSource src, Rule rule) {
   constexpr int kStep = step_elems<scalar_t>();
   uint64_t seed, base;
   resolve_state(src, seed, base);
@@ -134,11 +160,15 @@ __global__ void __launch_bounds__(kThreads) contiguous_kernel(Operands<scalar_t>
 // long (the caller checks), so a step meets at most two rows and needs at most two Philox
 // calls. Where every element of the step is dropped and the rule's dropped value does not
 // depend on the input, the input is not read: a dropped sample costs no read of its branch.
-template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, typename Rule, typename StateSource>
+template <typename scalar_t, bool kAligned, bool kTwoOperands, bool kBias, typename Rule, typename StateSource,
+          typename... Types>
 __global__ void __launch_bounds__(kThreads)
-    row_shared_kernel(Operands<scalar_t> ops, int64_t row_size, StateSource src, Rule rule) {
+    row_shared_kernel(Operands<scalar_t, Types...> ops, int64_t row_size, StateSource src, Rule rule) {
+  using Ops = Operands<scalar_t, Types...>;
+  using in_t = typename Ops::input_type;
+  using res_t = typename Ops::residual_type;
+  using out_t = typename Ops::output_type;
   constexpr int kStep = step_elems<scalar_t>();
-  using V = Vec<scalar_t, kStep>;
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kStep;
@@ -150,21 +180,24 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t word0 = cache.word(seed, base, row);
   const uint32_t word1 = next_row_at < count ? cache.word(seed, base, row + 1) : word0;
   const bool reads_input = Rule::kDroppedReadsInput || rule.keeps(word0) || rule.keeps(word1);
-  V x, r;
+  Vec<in_t, kStep> loaded;
+  Vec<res_t, kStep> r;
   if (kAligned && count == kStep) {
-    x = reads_input ? *reinterpret_cast<const V*>(ops.in + first) : V{};
-    if (kTwoOperands) r = *reinterpret_cast<const V*>(ops.res + first);
+    loaded = reads_input ? *reinterpret_cast<const Vec<in_t, kStep>*>(ops.in + first) : Vec<in_t, kStep>{};
+    if (kTwoOperands) r = *reinterpret_cast<const Vec<res_t, kStep>*>(ops.res + first);
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
-      x.v[j] = reads_input && j < count ? ops.in[first + j] : scalar_t(0);
-      if (kTwoOperands) r.v[j] = j < count ? ops.res[first + j] : scalar_t(0);
+      loaded.v[j] = reads_input && j < count ? ops.in[first + j] : in_t(0);
+      if (kTwoOperands) r.v[j] = j < count ? ops.res[first + j] : res_t(0);
     }
   }
+  Vec<scalar_t, kStep> x = convert<scalar_t>(loaded);
   if constexpr (kBias) add_bias(x, ops, first);
-  const V y = apply_rule<kTwoOperands>(x, r, rule, [&](int j) { return j < next_row_at ? word0 : word1; });
+  const Vec<out_t, kStep> y =
+      apply_rule<kTwoOperands, out_t>(x, r, rule, [&](int j) { return j < next_row_at ? word0 : word1; });
   if (kAligned && count == kStep) {
-    *reinterpret_cast<V*>(ops.out + first) = y;
+    *reinterpret_cast<Vec<out_t, kStep>*>(ops.out + first) = y;
   } else {
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
@@ -201,9 +234,10 @@ __device__ __forceinline__ int64_t locate(const MergedLayout& layout, int64_t li
 // Philox group it computed last (a shared mask value, or the next words). The walk is in the
 // output's memory order where the caller needs no logical index (no bias), else in logical
 // order, where the bias column is the logical index modulo the last dim's size.
-template <typename scalar_t, bool kTwoOperands, typename index_t, typename Rule, typename StateSource>
+template <typename scalar_t, bool kTwoOperands, typename index_t, typename Rule, typename StateSource,
+          typename... Types>
 __global__ void __launch_bounds__(kThreads)
-    strided_kernel(Operands<scalar_t> ops, MergedLayout layout, StateSource src, Rule rule) {
+    strided_kernel(Operands<scalar_t, Types...> ops, MergedLayout layout, StateSource src, Rule rule) {
   uint64_t seed, base;
   resolve_state(src, seed, base);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 4;
@@ -225,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const uint32_t word = cache.word(seed, base, offset[kMask]);
     // A dropped element whose output does not depend on its input is not read.
-    scalar_t x = Rule::kDroppedReadsInput || rule.keeps(word) ? ops.in[offset[kIn]] : scalar_t(0);
+    scalar_t x = Rule::kDroppedReadsInput || rule.keeps(word) ? static_cast<scalar_t>(ops.in[offset[kIn]]) : scalar_t(0);
     if (ops.bias != nullptr) x = plus_bias(x, ops.bias[linear % ops.last_size]);
     if constexpr (kTwoOperands) {
       ops.out[offset[kOut]] = rule.combine(ops.res[offset[kRes]], x, word);

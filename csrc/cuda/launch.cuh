@@ -8,6 +8,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -88,23 +89,28 @@ inline int grid_for(int64_t work_items) {
 // Launches the kernel the plan picks; `second` is the second operand of the two-operand rules
 // (dropout_add's residual, act_dropout_backward's gradient) and undefined for the others,
 // `bias` where the op has none. Launched even for an empty tensor, so the kernel still records
-// rng_state.
-template <typename scalar_t, bool kTwoOperands, typename Rule>
+// rng_state. The rule runs in scalar_t; the input, second operand and output may be stored in
+// other types (Operands).
+template <typename scalar_t, bool kTwoOperands, typename in_t = scalar_t, typename res_t = scalar_t,
+          typename out_t = scalar_t, typename Rule>
 void launch(const at::Tensor& input, const at::Tensor& second, const at::Tensor& bias, at::Tensor& output,
             const MaskLayout& mask, const StateSource& src, const Rule& rule) {
   constexpr bool kTakesBias = kTwoOperands || kRuleTakesBias<Rule>;
-  const Operands<scalar_t> ops{input.const_data_ptr<scalar_t>(),
-                               kTwoOperands ? second.const_data_ptr<scalar_t>() : nullptr,
-                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                               output.mutable_data_ptr<scalar_t>(),
-                               input.numel(),
-                               input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1};
+  const Operands<scalar_t, in_t, res_t, out_t> ops{input.const_data_ptr<in_t>(),
+                                                   kTwoOperands ? second.const_data_ptr<res_t>() : nullptr,
+                                                   bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                                   output.mutable_data_ptr<out_t>(),
+                                                   input.numel(),
+                                                   input.dim() > 0 ? std::max<int64_t>(input.size(-1), 1) : 1};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // The row-major and row-shared kernels take one step of kStep elements per thread, with
-  // 16-byte loads and stores where every operand is aligned to them.
+  // 16-byte loads and stores (two, for an operand of a wider type) where every operand is
+  // aligned to its step.
   constexpr int kStep = step_elems<scalar_t>();
-  constexpr size_t kAlign = sizeof(Vec<scalar_t, kStep>);
-  const auto aligned = [&](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlign == 0; };
+  const auto aligned = [&](const auto* ptr) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(ptr)>>;
+    return reinterpret_cast<uintptr_t>(ptr) % sizeof(Vec<T, kStep>) == 0;
+  };
   const bool all_aligned = aligned(ops.in) && aligned(ops.out) && (!kTwoOperands || aligned(ops.res));
   const bool with_bias = kTakesBias && ops.bias != nullptr;
   const bool row_major =

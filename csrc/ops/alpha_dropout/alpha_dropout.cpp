@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> alpha_dropout_autograd(const at::Tensor& inpu
   static const auto op = find_op<DropoutSignature>(kAlphaDropoutOp);
   const double a = p < 1.0 ? AlphaRule<float, double>::a_for_p(p) : 0.0;
   auto [output, rng_state] = below_autograd(op, input, p, seed, offset, std::move(generator), shared_dims);
-  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, a, false, input);
+  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, a, false, input.scalar_type(), input);
   if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
     set_tangent(output, replay(tangent, rng_state, p, shared_dims, a));
   }

@@ -59,17 +59,23 @@ MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::
 }
 
 void check_replay_args(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                       at::IntArrayRef shared_dims, bool inplace) {
+                       at::IntArrayRef shared_dims, bool inplace, std::optional<at::ScalarType> dtype) {
   check_input_and_p(op, input, p);
+  TORCH_CHECK(!dtype.has_value() || is_float_dtype(*dtype), op,
+              ": dtype must be float32, float64, float16 or bfloat16, got ", *dtype);
   check_rng_state(op, input, rng_state);
   if (inplace) check_inplace_target(op, input);
   check_shared_dims(op, input, shared_dims);
 }
 
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                             at::IntArrayRef shared_dims, bool inplace) {
-  check_replay_args(op, input, rng_state, p, shared_dims, inplace);
+                             at::IntArrayRef shared_dims, bool inplace, std::optional<at::ScalarType> dtype) {
+  check_replay_args(op, input, rng_state, p, shared_dims, inplace, dtype);
   return mask_layout(op, input, shared_dims);
+}
+
+at::ScalarType replay_dtype(const at::Tensor& input, std::optional<at::ScalarType> dtype) {
+  return dtype.value_or(input.scalar_type());
 }
 
 namespace {
@@ -88,9 +94,10 @@ at::Tensor dropout_state_meta(const at::Tensor& input, std::optional<int64_t> se
 }
 
 at::Tensor dropout_replay_meta(const at::Tensor& input, const at::Tensor& rng_state, double p,
-                               at::IntArrayRef shared_dims, std::optional<double> /*scale*/) {
-  check_replay_args(kDropoutReplayOp, input, rng_state, p, shared_dims, /*inplace=*/false);
-  return empty_output_like(input);
+                               at::IntArrayRef shared_dims, std::optional<double> /*scale*/,
+                               std::optional<at::ScalarType> dtype) {
+  check_replay_args(kDropoutReplayOp, input, rng_state, p, shared_dims, /*inplace=*/false, dtype);
+  return empty_output_like(input, replay_dtype(input, dtype));
 }
 
 at::Tensor& dropout_replay_inplace_meta(at::Tensor& input, const at::Tensor& rng_state, double p,
@@ -114,8 +121,12 @@ TORCH_LIBRARY_FRAGMENT(fused_dropout, m) {
       {at::Tag::nondeterministic_seeded});
   // input times the mask and scale that rng_state stands for: the backward of dropout, alpha
   // dropout and dropout_add, and a piece of act_dropout's. With `scale`, kept elements are
-  // scaled by it instead of 1 / (1 - p) (alpha dropout's backward).
-  m.def("dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[], float? scale=None) -> Tensor");
+  // scaled by it instead of 1 / (1 - p) (alpha dropout's backward). With `dtype`, the input is
+  // first converted to it and the output has it, in the same pass: dropout_add's backward
+  // from a float32 residual stream to a 2-byte branch reads the float32 gradient once.
+  m.def(
+      "dropout_replay(Tensor input, Tensor rng_state, float p, int[] shared_dims=[], float? scale=None, "
+      "ScalarType? dtype=None) -> Tensor");
   // In-place dropout is two steps: draw the state (the only random step), then apply its
   // mask in place. The in-place op returns its input, the schema torch's in-place fallbacks
   // (negative and conjugate views, functionalization) expect.

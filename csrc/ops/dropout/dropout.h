@@ -24,7 +24,7 @@ using DropoutSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, d
 using DropoutStateSignature = at::Tensor(const at::Tensor&, std::optional<int64_t>, int64_t,
                                          std::optional<at::Generator>, at::IntArrayRef);
 using DropoutReplaySignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, at::IntArrayRef,
-                                          std::optional<double>);
+                                          std::optional<double>, std::optional<at::ScalarType>);
 using DropoutReplayInplaceSignature = at::Tensor&(at::Tensor&, const at::Tensor&, double, at::IntArrayRef);
 
 const c10::TypedOperatorHandle<DropoutSignature>& dropout_op();
@@ -46,10 +46,15 @@ void check_state_args(const char* op, const at::Tensor& input, const std::option
 MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::optional<int64_t>& seed, int64_t offset,
                             const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
 
-// dropout_replay's and dropout_replay_'s arguments.
+// dropout_replay's and dropout_replay_'s arguments (`dtype`: dropout_replay's output dtype).
 void check_replay_args(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                       at::IntArrayRef shared_dims, bool inplace);
+                       at::IntArrayRef shared_dims, bool inplace,
+                       std::optional<at::ScalarType> dtype = std::nullopt);
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                             at::IntArrayRef shared_dims, bool inplace);
+                             at::IntArrayRef shared_dims, bool inplace,
+                             std::optional<at::ScalarType> dtype = std::nullopt);
+
+// The dtype a replay of `input` writes: `dtype` where given, else the input's.
+at::ScalarType replay_dtype(const at::Tensor& input, std::optional<at::ScalarType> dtype);
 
 }  // namespace fused_dropout

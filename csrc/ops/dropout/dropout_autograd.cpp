@@ -21,23 +21,29 @@ std::tuple<at::Tensor, at::Tensor> dropout_autograd(const at::Tensor& input, dou
                                                     int64_t offset, std::optional<at::Generator> generator,
                                                     at::IntArrayRef shared_dims) {
   auto [output, rng_state] = below_autograd(dropout_op(), input, p, seed, offset, std::move(generator), shared_dims);
-  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input);
+  if (needs_grad({&input})) {
+    record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input.scalar_type(), input);
+  }
   if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
     set_tangent(output, replay(tangent, rng_state, p, shared_dims));
   }
   return {output, rng_state};
 }
 
+// With `dtype`, the replay is the conversion then the mask, so its gradient is the mask (in
+// `dtype`) then the conversion back, and its tangent the conversion then the mask.
 at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                           std::optional<double> scale) {
+                           std::optional<double> scale, std::optional<at::ScalarType> dtype) {
   at::Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    output = replay(input, rng_state, p, shared_dims, scale);
+    output = replay(input, rng_state, p, shared_dims, scale, dtype);
   }
-  if (needs_grad({&input})) record_replay(output, rng_state, p, shared_dims, scale, false, input);
+  if (needs_grad({&input})) {
+    record_replay(output, rng_state, p, shared_dims, scale, false, output.scalar_type(), input);
+  }
   if (const at::Tensor tangent = tangent_of(&input); tangent.defined()) {
-    set_tangent(output, replay(tangent, rng_state, p, shared_dims, scale));
+    set_tangent(output, replay(tangent, rng_state, p, shared_dims, scale, output.scalar_type()));
   }
   return output;
 }
@@ -45,7 +51,7 @@ at::Tensor replay_autograd(const at::Tensor& input, const at::Tensor& rng_state,
 at::Tensor& replay_inplace_autograd(at::Tensor& input, const at::Tensor& rng_state, double p,
                                     at::IntArrayRef shared_dims) {
   if (needs_grad({&input}) || has_tangent({&input})) {
-    return input.copy_(replay_autograd(input, rng_state, p, shared_dims, std::nullopt));
+    return input.copy_(replay_autograd(input, rng_state, p, shared_dims, std::nullopt, std::nullopt));
   }
   at::AutoDispatchBelowAutograd below_autograd;  // ADInplaceOrView, below, bumps the version
   return dropout_replay_inplace_op().call(input, rng_state, p, shared_dims);
@@ -82,7 +88,7 @@ at::Tensor& replay_inplace_functionalize(at::Tensor& input, const at::Tensor& rn
   at::Tensor replayed;
   {
     at::AutoDispatchSkipFunctionalize skip;
-    replayed = dropout_replay_op().call(value, state, p, shared_dims, std::nullopt);
+    replayed = dropout_replay_op().call(value, state, p, shared_dims, std::nullopt, std::nullopt);
   }
   impl::replace_(input, replayed);
   impl::commit_update(input);

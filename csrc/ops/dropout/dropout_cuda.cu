@@ -1,4 +1,6 @@
-// The dropout ops on CUDA: the shared launch (cuda/launch.cuh) with plain dropout's rule.
+// The dropout ops on CUDA: the shared launch (cuda/launch.cuh) with plain dropout's rule, and a
+// replay into another dtype.
+#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -38,12 +40,29 @@ at::Tensor dropout_state_cuda(const at::Tensor& input, std::optional<int64_t> se
 }
 
 at::Tensor dropout_replay_cuda(const at::Tensor& input, const at::Tensor& rng_state, double p,
-                               at::IntArrayRef shared_dims, std::optional<double> scale) {
-  const MaskLayout mask = check_replay_call(kDropoutReplayOp, input, rng_state, p, shared_dims, /*inplace=*/false);
+                               at::IntArrayRef shared_dims, std::optional<double> scale,
+                               std::optional<at::ScalarType> dtype) {
+  const MaskLayout mask =
+      check_replay_call(kDropoutReplayOp, input, rng_state, p, shared_dims, /*inplace=*/false, dtype);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor state = rng_state.contiguous();
-  at::Tensor output = empty_output_like(input);
-  dispatch_launch(input, at::Tensor(), output, mask, StateSource::saved_in(state), p, RuleSpec{{}, {}, scale});
+  const at::ScalarType out_dtype = replay_dtype(input, dtype);
+  if (input.scalar_type() == at::kFloat && (out_dtype == at::kBFloat16 || out_dtype == at::kHalf)) {
+    // A float32 gradient into a 2-byte one (dropout_add's backward from a float32 residual
+    // stream): the conversion in the same pass.
+    at::Tensor output = empty_output_like(input, out_dtype);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(out_dtype, "fused_dropout_replay", [&] {
+      MaskedScale<scalar_t> rule = MaskedScale<scalar_t>::for_p(p);
+      if (scale.has_value()) rule.scale = static_cast<float>(*scale);
+      launch<scalar_t, false, float>(input, at::Tensor(), at::Tensor(), output, mask, StateSource::saved_in(state),
+                                     rule);
+    });
+    return output;
+  }
+  // Other conversions: the conversion, then the replay.
+  const at::Tensor converted = input.to(out_dtype);
+  at::Tensor output = empty_output_like(converted);
+  dispatch_launch(converted, at::Tensor(), output, mask, StateSource::saved_in(state), p, RuleSpec{{}, {}, scale});
   return output;
 }
 

@@ -3,7 +3,6 @@
 #include "ops/dropout_add/dropout_add.h"
 
 #include <ATen/ops/add.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "autograd.h"
@@ -32,16 +31,6 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
   return mask_layout(op, input, shared_dims);
 }
 
-namespace {
-
-// The output: the input's shape and memory format, torch's promotion of the two dtypes.
-at::Tensor empty_sum_like(const at::Tensor& input, const at::Tensor& residual) {
-  const at::ScalarType dtype = c10::promoteTypes(input.scalar_type(), residual.scalar_type());
-  return at::empty_like(input, input.options().dtype(dtype), at::MemoryFormat::Preserve);
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> dropout_add_promoted(const at::Tensor& input, const at::Tensor& residual,
                                                         const std::optional<at::Tensor>& bias, double p,
                                                         std::optional<int64_t> seed, int64_t offset,
@@ -50,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_promoted(const at::Tensor& input,
   // input + bias rounded to the input's dtype, as the fused op and the unfused sum round it.
   const at::Tensor pre = bias.has_value() && bias->defined() ? at::add(input, *bias) : input;
   auto [dropped, rng_state] = dropout_op().call(pre, p, seed, offset, std::move(generator), shared_dims);
-  at::Tensor output = empty_sum_like(input, residual);
+  at::Tensor output = empty_output_like(input, sum_dtype(input, residual));
   at::add_out(output, residual, dropped);
   return {output, rng_state};
 }
@@ -68,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_meta(const at::Tensor& input, con
                                                     std::optional<at::Generator> generator,
                                                     at::IntArrayRef shared_dims) {
   check_dropout_add_args(kDropoutAddOp, input, residual, bias, p, seed, offset, generator, shared_dims);
-  return {empty_sum_like(input, residual), empty_state_like(input)};
+  return {empty_output_like(input, sum_dtype(input, residual)), empty_state_like(input)};
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input, const at::Tensor& residual,
@@ -81,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_autograd(const at::Tensor& input,
   static const auto op = find_op<DropoutAddSignature>(kDropoutAddOp);
   auto [output, rng_state] = below_autograd(op, input, residual, bias, p, seed, offset, generator, shared_dims);
   if (needs_grad({&input, &residual, &b})) {
-    record_replay(output, rng_state, p, shared_dims, std::nullopt, true, input, residual, b);
+    record_replay(output, rng_state, p, shared_dims, std::nullopt, true, input.scalar_type(), input, residual, b);
   }
   // d output = d residual + mask * scale * (d input + d bias), in the output's dtype
   const at::Tensor dropped = sum_defined({tangent_of(&input), tangent_of(&b)}, input);

@@ -22,6 +22,11 @@ MaskLayout check_dropout_add_call(const char* op, const at::Tensor& input, const
                                   int64_t offset, const std::optional<at::Generator>& generator,
                                   at::IntArrayRef shared_dims);
 
+// The output's dtype: torch's promotion of the input's and the residual's.
+inline at::ScalarType sum_dtype(const at::Tensor& input, const at::Tensor& residual) {
+  return c10::promoteTypes(input.scalar_type(), residual.scalar_type());
+}
+
 // dropout_add with a residual whose dtype differs from the input's: residual + dropout(input +
 // bias), the dropout in the input's dtype and the sum in the promoted one (torch's promotion
 // of the two dtypes), as torch computes the composition. Two passes through the dispatcher,
