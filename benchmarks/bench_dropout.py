@@ -226,22 +226,63 @@ def measure_dropout_add(numel, dtype, device, p, timer, compile_too, cache_bytes
         next_wide = cycle(wide)
         mixed = {
             "add, float32 residual: eager": eager,
+            # The composition of the fused dropout and ATen's promoting add, which the one
+            # pass replaces.
+            "add, float32 residual: two passes": lambda x, r: r + fused_dropout.dropout(x + bias, p),
             "add, float32 residual: fused_dropout": variants["add: fused_dropout"],
         }
         if compile_too:
             mixed["add, float32 residual: compiled"] = torch.compile(eager, dynamic=False)
+        n = rows_count * width
         for name, fn in mixed.items():
             seconds = timer(lambda: fn(next_x(), next_wide()))
-            results.append(
-                result_row(dtype, rows_count * width, name, "forward", seconds, rows_count * width * (es + 8))
-            )
+            results.append(result_row(dtype, n, name, "forward", seconds, n * (es + 8)))
+        results += time_float_residual_backward(eager, (next_x, next_wide), inputs, p, timer, dtype)
     for prefix in ("add", "add, float32 residual"):
-        fused = [r for r in results if r["variant"] == f"{prefix}: fused_dropout"]
-        for ref, label in (("eager", "F.dropout"), ("compiled", "compiled F.dropout")):
-            match = [r for r in results if r["variant"] == f"{prefix}: {ref}"]
-            if fused:
-                add_speedup(fused[0], match[0] if match else None, label)
+        for direction in ("forward", "forward+backward", "backward op"):
+            fused = [r for r in results if r["variant"] == f"{prefix}: fused_dropout" and r["direction"] == direction]
+            for ref, label in (("eager", "F.dropout"), ("compiled", "compiled F.dropout")):
+                match = [r for r in results if r["variant"] == f"{prefix}: {ref}" and r["direction"] == direction]
+                if fused:
+                    add_speedup(fused[0], match[0] if match else None, label)
     return results
+
+
+def time_float_residual_backward(eager, nexts, inputs, p, timer, dtype):
+    """The backward of dropout_add beside a float32 residual: the input's gradient is the
+    float32 output gradient converted to the 2-byte dtype and replayed through the mask.
+    Forward+backward through autograd (the gradient of x), eager against fused; and the
+    backward op alone: eager's conversion then mask multiply, the conversion then
+    dropout_replay (two passes), and dropout_replay with dtype= (one pass). Counted bytes of the
+    backward: the float32 gradient read, the 2-byte gradient written."""
+    next_x, next_wide = nexts
+    x = inputs[0]
+    n, es = x.numel(), x.element_size()
+    leaves = [t.clone().requires_grad_(True) for t in inputs[:2]]
+    next_leaf = cycle(leaves)
+    grads = [torch.randn(x.shape, device=x.device, dtype=torch.float32) for _ in range(2)]
+    next_grad = cycle(grads)
+    mask = torch.ops.aten.native_dropout(x, p, True)[1]
+    state = ops.dropout(x, p)[1]
+    variants = {"eager": eager, "fused_dropout": lambda t, r: fused_dropout.dropout_add(t, r, p)}
+
+    def forward_backward(fn):
+        leaf = next_leaf()
+        return torch.autograd.grad(fn(leaf, next_wide()), leaf, next_grad())
+
+    rows = []
+    for name, fn in variants.items():
+        seconds = timer(lambda: forward_backward(fn))  # noqa: B023 (timed here, in this iteration)
+        moved = n * (2 * es + 12)  # forward: x, residual, output; backward: gradient in and out
+        rows.append(result_row(dtype, n, f"add, float32 residual: {name}", "forward+backward", seconds, moved))
+    backward_ops = {
+        "eager": lambda: torch.ops.aten.native_dropout_backward(next_grad().to(dtype), mask, 1.0 / (1.0 - p)),
+        "two passes": lambda: ops.dropout_replay(next_grad().to(dtype), state, p),
+        "fused_dropout": lambda: ops.dropout_replay(next_grad(), state, p, dtype=dtype),
+    }
+    for name, fn in backward_ops.items():
+        rows.append(result_row(dtype, n, f"add, float32 residual: {name}", "backward op", timer(fn), n * (4 + es)))
+    return rows
 
 
 def measure_family(numel, dtype, device, p, timer, compile_too, cache_bytes):
