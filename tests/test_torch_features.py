@@ -527,6 +527,30 @@ def _aten_and_fused_ops_run_by(fn):
 _VIEWS = {"aten.detach.default", "aten.alias.default"}
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "misaligned"])
+def test_a_float32_residual_stream_gives_the_same_bits_on_cpu_and_cuda(input_dtype, layout):
+    # The CUDA one-pass launches (a float32 residual and output beside a 2-byte input; the
+    # float32 gradient replayed into the input's dtype) against the CPU's, forward and backward.
+    def operand(dtype, seed, device):
+        if layout == "transposed":
+            return random_input((70, 33), dtype, seed=seed).to(device).t()
+        if layout == "misaligned":  # one element past an aligned start, on the device itself
+            return random_input((33 * 70 + 1,), dtype, seed=seed).to(device)[1:].view(33, 70)
+        return random_input((33, 70), dtype, seed=seed).to(device)
+
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        x, residual, grad = (operand(t, k, device) for k, t in enumerate((input_dtype, torch.float32, torch.float32)))
+        bias = random_input((70,), input_dtype, seed=3).to(device)
+        out = fd.dropout_add(x, residual, 0.3, bias=bias, seed=SEED, offset=5)
+        state = torch.tensor([SEED, 5], device=device)
+        outputs[device] = (out.cpu(), fd.ops.dropout_replay(grad, state, 0.3, dtype=input_dtype).cpu())
+    for cpu, cuda in zip(outputs["cpu"], outputs["cuda"]):
+        assert_bitwise_equal(cuda, cpu)
+
+
 @pytest.mark.parametrize("input_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_autograd_of_a_replay_into_another_dtype(input_dtype, dtype):
     # The conversion then the replay: its gradient is the replay then the conversion back,
