@@ -77,6 +77,27 @@ def test_mixed_precision_residual_stream(device, rms):
     assert_bitwise_equal(h32, expected_h(x, residual16, 0.2, 3, residual_dtype=torch.float32))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,residual_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("width", [1, 7, 768, 4100, 8192, 8200, 20000])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_the_cuda_kernel_at_every_width(dtype, residual_dtype, width, rms):
+    # Rows kept on chip (up to 8192 wide) and rows read back, 16-byte and one-element steps: h
+    # bit for bit with the CPU's, the statistics and the output with torch's norm.
+    x = random_input((5, width), dtype, seed=1)
+    residual = random_input((5, width), residual_dtype or dtype, seed=2)
+    weight = random_input((width,), dtype, seed=3)
+    bias = None if rms else random_input((width,), dtype, seed=4)
+    kwargs = dict(seed=11, offset=5, eps=1e-5, prenorm=True, residual_dtype=residual_dtype)
+    cuda = [t.cuda() if t is not None else None for t in (x, residual, weight, bias)]
+    out, h = call(rms, *cuda, 0.3, **kwargs)
+    _, h_cpu = call(rms, x, residual, weight, bias, 0.3, **kwargs)
+    assert_bitwise_equal(h.cpu(), h_cpu)
+    torch.testing.assert_close(
+        out.cpu().double(), torch_norm(h_cpu, weight, bias, 1e-5, rms), rtol=0, atol=TOLERANCE[dtype] * 2
+    )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_any_layout_no_residual_and_drop_path(device):
     x = random_input((6, 5, 40), torch.float32, device).transpose(0, 1)  # not contiguous

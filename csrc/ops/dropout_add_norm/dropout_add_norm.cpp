@@ -190,11 +190,3 @@ TORCH_LIBRARY_IMPL(fused_dropout, Meta, m) {
   m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_meta);
   m.impl("norm_backward", &fused_dropout::norm_backward_meta);
 }
-
-#ifdef FUSED_DROPOUT_WITH_CUDA
-// CUDA runs the composition (a dropout kernel, then ATen's ops) until the one-pass kernel lands.
-TORCH_LIBRARY_IMPL(fused_dropout, CUDA, m) {
-  m.impl("dropout_add_norm", &fused_dropout::dropout_add_norm_composite);
-  m.impl("norm_backward", &fused_dropout::norm_backward_composite);
-}
-#endif

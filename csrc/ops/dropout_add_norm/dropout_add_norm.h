@@ -48,8 +48,8 @@ NormOutputs empty_norm_outputs(const at::Tensor& input, const NormCall& call);
 // mean is 0 for RMSNorm. The composition below and the differentiated backward share it.
 std::pair<at::Tensor, at::Tensor> row_stats(const at::Tensor& h, double eps, bool rms);
 
-// The op as a composition of dropout and ATen ops, on any device: the CUDA kernel until the
-// one-pass one lands, and the definition the one-pass kernels agree with.
+// The op as a composition of dropout and ATen ops, on any device: the definition the
+// one-pass kernels agree with, and what they fall back to for the dtypes they do not take.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
@@ -57,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
 
 // The norm's part of the backward, with no randomness in it: (grad_h, grad_weight, grad_bias)
 // for the output's gradient `grad` at h = residual_out, in the stats' dtype. The mask's part is
-// dropout_replay of grad_h. Any device, by ATen's ops; the CPU has a one-pass kernel.
+// dropout_replay of grad_h. Any device, by ATen's ops (CUDA's kernel); the CPU has a one-pass
+// kernel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(const at::Tensor& grad,
                                                                        const at::Tensor& residual_out,
                                                                        const std::optional<at::Tensor>& weight,
