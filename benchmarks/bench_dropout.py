@@ -390,14 +390,35 @@ def measure_norm(numel, dtype, device, p, timer, compile_too, cache_bytes, width
             lambda x, r: fused_dropout.dropout_add_rms_norm(x, r, weight, p),
         ),
     }
+    flash = flash_attn_norms(p, weight, bias) if device.type == "cuda" else None
     results = []
     for form, (eager, fused) in forms.items():
         variants = {"eager": eager, "fused_dropout": fused}
         if compile_too:
             variants["compiled"] = torch.compile(eager, dynamic=False)
+        if flash is not None:
+            variants["flash_attn"] = flash["rms_norm" if "rms_norm" in form else "layer_norm"]
         nexts = (next_x, next_residual, next_leaf)
-        results += time_form(form, variants, (4, 4), timer, nexts, grad, copy_time, dtype)
+        rows = time_form(form, variants, (4, 4), timer, nexts, grad, copy_time, dtype)
+        by_variant = {(r["variant"], r["direction"]): r for r in rows}
+        for (variant, direction), row in by_variant.items():
+            if variant == f"{form}: fused_dropout":
+                add_speedup(row, by_variant.get((f"{form}: flash_attn", direction)), "flash_attn")
+        results += rows
     return results
+
+
+def flash_attn_norms(p, weight, bias):
+    """flash-attention's fused dropout + add + norm (flash_attn/ops/triton/layer_norm.py) where
+    it is installed, as the reference fused form; else None."""
+    try:
+        from flash_attn.ops.triton.layer_norm import layer_norm_fn, rms_norm_fn
+    except Exception:  # not installed, or its Triton does not load here
+        return None
+    return {
+        "layer_norm": lambda x, r: layer_norm_fn(x, weight, bias, residual=r, eps=1e-5, dropout_p=p),
+        "rms_norm": lambda x, r: rms_norm_fn(x, weight, None, residual=r, eps=1e-5, dropout_p=p),
+    }
 
 
 def measure_layouts(numel, dtype, device, p, timer, cache_bytes):
