@@ -132,23 +132,37 @@ MUTANTS = [
     Mutant(
         "alpha-backward-scale",
         "csrc/ops/alpha_dropout/alpha_dropout.cpp",
-        "record_replay(output, rng_state, p, shared_dims, a, false, input);",
-        "record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input);",
+        "record_replay(output, rng_state, p, shared_dims, a, false, input.scalar_type(), input);",
+        "record_replay(output, rng_state, p, shared_dims, std::nullopt, false, input.scalar_type(), input);",
         "alpha dropout's gradient scaled by 1/(1-p) instead of its a",
     ),
     Mutant(
         "residual-grad-dtype",
         "csrc/autograd.cpp",
-        "grad_output.scalar_type() == input_dtype ? grad_output : grad_output.to(input_dtype)",
-        "grad_output",
+        "at::Tensor grad_input = replay(grad_output, rng_state.unpack(), p, shared_dims, scale, mask_dtype);",
+        "at::Tensor grad_input = replay(grad_output, rng_state.unpack(), p, shared_dims, scale);",
         "a mixed-dtype dropout_add's gradient masked before its rounding to the input's dtype",
+    ),
+    Mutant(
+        "replay-rounds-after-the-mask",
+        "csrc/cpu/simd_avx512.cpp",
+        "dropout_lanes(round_to<Format>(_mm512_loadu_ps(x16)), w16, rule)",
+        "dropout_lanes(_mm512_loadu_ps(x16), w16, rule)",
+        "a float32 gradient replayed into a 2-byte dtype is masked and scaled before its conversion",
+    ),
+    Mutant(
+        "float-residual-sum-narrowed",
+        "csrc/cpu/simd_avx512.cpp",
+        "store_float_lanes<Format>(y16, _mm512_add_ps(load_float_lanes<Format>(res16), dropped));",
+        "store_float_lanes<Format>(y16, round_to<Format>(_mm512_add_ps(load_float_lanes<Format>(res16), dropped)));",
+        "the float32 residual stream's sum is rounded to the 2-byte input's dtype",
     ),
     # The row-reduction form.
     Mutant(
         "norm-mask-step",
         "csrc/ops/dropout_add_norm/dropout_add_norm_cpu.cpp",
-        "const int64_t base = mask_base(row), step = mask.strides[input.dim() - 1];",
-        "const int64_t base = mask_base(row), step = 1;",
+        "const int64_t base = mask.base(row), step = mask.step;",
+        "const int64_t base = mask.base(row), step = 1;",
         "dropout_add_norm's rows ignore a mask shared along the last dim",
     ),
     Mutant(

@@ -66,6 +66,19 @@ NormCall check_dropout_add_norm_call(const char* op, const at::Tensor& input, co
   return call;
 }
 
+NormMaskRows norm_mask_rows(const at::Tensor& input, const MaskLayout& mask) {
+  NormMaskRows rows{input.dim() - 1, {}, {}, mask.origin, mask.strides[input.dim() - 1]};
+  for (int64_t d = 0; d < rows.outer_dims; ++d) {
+    rows.sizes[d] = input.size(d);
+    rows.strides[d] = mask.strides[d];
+  }
+  return rows;
+}
+
+at::Tensor norm_affine_operand(const std::optional<at::Tensor>& t, const NormCall& call) {
+  return t.has_value() && t->defined() ? t->to(call.stats_dtype).contiguous() : at::Tensor();
+}
+
 NormOutputs empty_norm_outputs(const at::Tensor& input, const NormCall& call) {
   const auto rows = input.sym_sizes().slice(0, input.dim() - 1);
   const auto options = input.options().memory_format(at::MemoryFormat::Contiguous);

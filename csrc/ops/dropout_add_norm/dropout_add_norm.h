@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "checks.h"
+#include "ops/dropout_add_norm/norm_mask_rows.h"
 
 namespace fused_dropout {
 
@@ -36,6 +37,12 @@ NormCall check_dropout_add_norm_call(const char* op, const at::Tensor& input, co
                                      double p, double eps, bool rms, std::optional<at::ScalarType> residual_dtype,
                                      const std::optional<int64_t>& seed, int64_t offset,
                                      const std::optional<at::Generator>& generator, at::IntArrayRef shared_dims);
+
+// The rows of `input` (its last dim normalised) under the mask layout `mask`.
+NormMaskRows norm_mask_rows(const at::Tensor& input, const MaskLayout& mask);
+
+// A weight or bias as the kernels read it: in the stats' dtype, contiguous; or undefined.
+at::Tensor norm_affine_operand(const std::optional<at::Tensor>& t, const NormCall& call);
 
 // The outputs of a call, uninitialised: output (the input's dtype), h (the residual dtype),
 // both contiguous, and mean and rstd of shape input.shape[:-1].

@@ -46,22 +46,11 @@ struct NormRows {
   h_t* h;
   sum_t* mean;
   sum_t* rstd;
-  const MaskLayout& mask;
+  NormMaskRows mask;
   RngState state;
   MaskedScale<scalar_t> rule;
   sum_t eps;
   bool rms;
-
-  // The mask index of the row's first element: the mask's origin plus the outer dims' indices
-  // times the mask strides.
-  int64_t mask_base(int64_t row) const {
-    int64_t base = mask.origin;
-    for (int64_t d = input.dim() - 2; d >= 0; --d) {
-      base += (row % input.size(d)) * mask.strides[d];
-      row /= input.size(d);
-    }
-    return base;
-  }
 
   // h of one row, written, and the row's sum.
   sum_t sum_row(int64_t row, int64_t width) const {
@@ -70,7 +59,7 @@ struct NormRows {
     alignas(64) sum_t res[kChunk];
     const scalar_t* x = input.const_data_ptr<scalar_t>() + row * width;
     h_t* hr = h + row * width;
-    const int64_t base = mask_base(row), step = mask.strides[input.dim() - 1];
+    const int64_t base = mask.base(row), step = mask.step;
     sum_t total = 0;
     for (int64_t start = 0; start < width; start += kChunk) {
       const int64_t count = std::min(kChunk, width - start);
@@ -130,10 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   NormOutputs outs = empty_norm_outputs(input, call);
   const at::Tensor x = input.contiguous();
   const at::Tensor r = has_residual ? residual->contiguous() : at::Tensor();
-  const auto affine = [&](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->to(call.stats_dtype).contiguous() : at::Tensor();
-  };
-  const at::Tensor w = affine(weight), b = affine(bias);
+  const at::Tensor w = norm_affine_operand(weight, call), b = norm_affine_operand(bias, call);
   const int64_t width = input.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dropout_add_norm", [&] {
     using in_t = scalar_t;
@@ -148,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
                       outs.residual_out.mutable_data_ptr<scalar_t>(),
                       outs.mean.mutable_data_ptr<sum_t>(),
                       outs.rstd.mutable_data_ptr<sum_t>(),
-                      call.mask,
+                      norm_mask_rows(input, call.mask),
                       state,
                       MaskedScale<in_t>::for_p(p),
                       static_cast<sum_t>(eps),

@@ -14,15 +14,6 @@
 namespace fused_dropout {
 namespace {
 
-NormMaskRows mask_rows(const at::Tensor& input, const MaskLayout& mask) {
-  NormMaskRows rows{input.dim() - 1, {}, {}, mask.origin, mask.strides[input.dim() - 1]};
-  for (int64_t d = 0; d < rows.outer_dims; ++d) {
-    rows.sizes[d] = input.size(d);
-    rows.strides[d] = mask.strides[d];
-  }
-  return rows;
-}
-
 // Launches the kernel with steps of kVec elements: 16 bytes of the input where the width and
 // every operand's alignment allow, else one element.
 template <typename in_t, typename res_t, typename h_t, typename sum_t>
@@ -71,11 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_a
   const StateSource src = StateSource::drawn(reserve_state(input, call.mask, seed, offset, generator), rng_state);
   const at::Tensor x = input.contiguous();
   const at::Tensor r = has_residual ? residual->contiguous() : at::Tensor();
-  const auto affine = [&](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->to(call.stats_dtype).contiguous() : at::Tensor();
-  };
-  const at::Tensor w = affine(weight), b = affine(bias);
-  const NormMaskRows mask = mask_rows(input, call.mask);
+  const at::Tensor w = norm_affine_operand(weight, call), b = norm_affine_operand(bias, call);
+  const NormMaskRows mask = norm_mask_rows(input, call.mask);
   const int64_t width = input.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "dropout_add_norm_cuda", [&] {
     using in_t = scalar_t;

@@ -16,32 +16,13 @@
 #include <cstdint>
 
 #include "cuda/kernels.cuh"
-#include "layout.h"
+#include "ops/dropout_add_norm/norm_mask_rows.h"
 #include "philox.h"
 
 namespace fused_dropout {
 
 constexpr int kMaxNormThreads = 256;
 constexpr int kValuesPerThread = 32;
-
-// Where each row's mask starts: origin + the outer dims' indices times the mask strides
-// (checks.h, MaskLayout), and the mask stride along the row (0: the row shares one value).
-struct NormMaskRows {
-  int64_t outer_dims;
-  int64_t sizes[kMaxDims];
-  int64_t strides[kMaxDims];
-  int64_t origin;
-  int64_t step;
-
-  __device__ __forceinline__ int64_t base(int64_t row) const {
-    int64_t index = origin;
-    for (int64_t d = outer_dims - 1; d >= 0; --d) {
-      index += (row % sizes[d]) * strides[d];
-      row /= sizes[d];
-    }
-    return index;
-  }
-};
 
 // One call's operands, row-major: rows of `width` elements. sum_t is float32, or float64
 // where the input or h is float64; weight and bias are sum_t (or null), as are mean and rstd.
