@@ -100,8 +100,8 @@ struct ReplayMaskBackward : public Node {
 // The mask is applied in `mask_dtype`: the input's, or dropout_replay's `dtype`.
 template <typename... Inputs>
 void record_replay(const at::Tensor& output, const at::Tensor& rng_state, double p, at::IntArrayRef shared_dims,
-                   std::optional<double> scale, bool with_residual, at::ScalarType mask_dtype,
-                   const at::Tensor& input, const Inputs&... others) {
+                   std::optional<double> scale, bool with_residual, at::ScalarType mask_dtype, const at::Tensor& input,
+                   const Inputs&... others) {
   auto node = new_node<ReplayMaskBackward>(input, others...);
   node->mask_dtype = mask_dtype;
   node->input_dtype = input.scalar_type();

@@ -70,11 +70,11 @@ void launch_on_host(int64_t blocks, int64_t threads, Body body) {
 struct NormCase {
   int64_t rows, width;
   bool residual, weight, bias, rms;
-  int64_t mask_step;    // 1, or 0: the row shares one mask value
-  int64_t row_stride;   // the mask stride of a row (0: every row shares the mask of row 0)
-  int64_t origin;       // a shard's first mask index
-  int64_t blocks;       // fewer than rows: the blocks loop over rows
-  bool one_element;     // steps of one element even where 16-byte steps fit
+  int64_t mask_step;   // 1, or 0: the row shares one mask value
+  int64_t row_stride;  // the mask stride of a row (0: every row shares the mask of row 0)
+  int64_t origin;      // a shard's first mask index
+  int64_t blocks;      // fewer than rows: the blocks loop over rows
+  bool one_element;    // steps of one element even where 16-byte steps fit
 };
 
 template <typename T>
@@ -239,7 +239,7 @@ int failures(std::mt19937& gen) {
 int main() {
   using namespace fused_dropout;
   std::mt19937 gen(2024);
-  const int failed = failures<float>(gen) + failures<double>(gen) + failures<c10::Half>(gen) +
-                     failures<c10::BFloat16>(gen);
+  const int failed =
+      failures<float>(gen) + failures<double>(gen) + failures<c10::Half>(gen) + failures<c10::BFloat16>(gen);
   return failed == 0 ? 0 : 1;
 }

@@ -78,8 +78,8 @@ __device__ __forceinline__ void add_bias(Vec<scalar_t, N>& x, const Ops& ops, in
 
 // The rule over one step: y[j] = rule(x[j], word_of(j)), or with kTwoOperands rule.combine(r[j], x[j], word_of(j)).
 template <bool kTwoOperands, typename out_t, typename scalar_t, typename res_t, int N, typename Rule, typename WordOf>
-__device__ __forceinline__ Vec<out_t, N> apply_rule(const Vec<scalar_t, N>& x, const Vec<res_t, N>& r,
-                                                    const Rule& rule, WordOf word_of) {
+__device__ __forceinline__ Vec<out_t, N> apply_rule(const Vec<scalar_t, N>& x, const Vec<res_t, N>& r, const Rule& rule,
+                                                    WordOf word_of) {
   Vec<out_t, N> y;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     const uint32_t word = cache.word(seed, base, offset[kMask]);
     // A dropped element whose output does not depend on its input is not read.
-    scalar_t x = Rule::kDroppedReadsInput || rule.keeps(word) ? static_cast<scalar_t>(ops.in[offset[kIn]]) : scalar_t(0);
+    scalar_t x =
+        Rule::kDroppedReadsInput || rule.keeps(word) ? static_cast<scalar_t>(ops.in[offset[kIn]]) : scalar_t(0);
     if (ops.bias != nullptr) x = plus_bias(x, ops.bias[linear % ops.last_size]);
     if constexpr (kTwoOperands) {
       ops.out[offset[kOut]] = rule.combine(ops.res[offset[kRes]], x, word);

@@ -48,8 +48,7 @@ MaskLayout check_state_call(const char* op, const at::Tensor& input, const std::
 
 // dropout_replay's and dropout_replay_'s arguments (`dtype`: dropout_replay's output dtype).
 void check_replay_args(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
-                       at::IntArrayRef shared_dims, bool inplace,
-                       std::optional<at::ScalarType> dtype = std::nullopt);
+                       at::IntArrayRef shared_dims, bool inplace, std::optional<at::ScalarType> dtype = std::nullopt);
 MaskLayout check_replay_call(const char* op, const at::Tensor& input, const at::Tensor& rng_state, double p,
                              at::IntArrayRef shared_dims, bool inplace,
                              std::optional<at::ScalarType> dtype = std::nullopt);

@@ -41,9 +41,9 @@ void replay_converting(const at::Tensor& input, at::Tensor& output, RngState sta
   for_each_word_batch(input.numel(), state, [&](int64_t first, int64_t n, const uint32_t* words) {
     if constexpr (kFromFloat) {
       if (loops != nullptr) {
-        return loops->dropout_from_float({x + first, nullptr, nullptr, 0, 1, reinterpret_cast<uint16_t*>(y + first),
-                                          words, n},
-                                         MaskedScale<float, float>{rule.keep, rule.scale});
+        return loops->dropout_from_float(
+            {x + first, nullptr, nullptr, 0, 1, reinterpret_cast<uint16_t*>(y + first), words, n},
+            MaskedScale<float, float>{rule.keep, rule.scale});
       }
     }
     for (int64_t j = 0; j < n; ++j) y[first + j] = rule(static_cast<out_t>(x[first + j]), words[j]);

@@ -38,9 +38,9 @@ void dropout_add_widening(const at::Tensor& input, const at::Tensor& residual, c
       if (loops != nullptr) {
         const auto* x_bits = reinterpret_cast<const uint16_t*>(x);
         const auto* b_bits = reinterpret_cast<const uint16_t*>(b);
-        return loops->dropout_add_float_residual({x_bits + first, r + first, b_bits, first % last, last, y + first,
-                                                  words, n},
-                                                 MaskedScale<float, float>{rule.mask.keep, rule.mask.scale});
+        return loops->dropout_add_float_residual(
+            {x_bits + first, r + first, b_bits, first % last, last, y + first, words, n},
+            MaskedScale<float, float>{rule.mask.keep, rule.mask.scale});
       }
     }
     if (b == nullptr) {
@@ -85,17 +85,17 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_mixed_cpu(const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_dropout_add_widening", [&] {
     using in_t = scalar_t;
     const MaskedScale<in_t> mask = MaskedScale<in_t>::for_p(p);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, residual.scalar_type(), "fused_dropout_add_widening", [&] {
-          using res_t = scalar_t;
-          if (out_dtype == at::kDouble) {
-            dropout_add_widening<in_t, res_t>(input, residual, bias_contiguous, output, state,
-                                              PromotedAdd<in_t, double>{mask});
-          } else {
-            dropout_add_widening<in_t, res_t>(input, residual, bias_contiguous, output, state,
-                                              PromotedAdd<in_t, float>{mask});
-          }
-        });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "fused_dropout_add_widening",
+                                    [&] {
+                                      using res_t = scalar_t;
+                                      if (out_dtype == at::kDouble) {
+                                        dropout_add_widening<in_t, res_t>(input, residual, bias_contiguous, output,
+                                                                          state, PromotedAdd<in_t, double>{mask});
+                                      } else {
+                                        dropout_add_widening<in_t, res_t>(input, residual, bias_contiguous, output,
+                                                                          state, PromotedAdd<in_t, float>{mask});
+                                      }
+                                    });
   });
   return {output, state_tensor(state)};
 }

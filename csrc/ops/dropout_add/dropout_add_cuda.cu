@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_add_cuda(const at::Tensor& input, con
   const MaskLayout mask =
       check_dropout_add_call(kDropoutAddOp, input, residual, bias, p, seed, offset, generator, shared_dims);
   const bool same_dtype = residual.scalar_type() == input.scalar_type();
-  const bool float_residual_stream =
-      residual.scalar_type() == at::kFloat && (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf);
+  const bool float_residual_stream = residual.scalar_type() == at::kFloat &&
+                                     (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf);
   // Other mixed dtypes: the composition, dropout then the promoting add.
   if (!same_dtype && !float_residual_stream) {
     return dropout_add_promoted(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
