@@ -247,8 +247,9 @@ MUTANTS = [
     ),
 ]
 
-# The files a scratch copy needs: the package, its sources and the tests.
-COPIED = ["csrc", "fused_dropout", "tests", "benchmarks", "setup.py", "pyproject.toml", "README.md", "LICENSE"]
+# The files a scratch copy needs: the package, its sources, the tests and this tool (whose
+# mutants a test checks).
+COPIED = ["csrc", "fused_dropout", "tests", "benchmarks", "tools", "setup.py", "pyproject.toml", "README.md", "LICENSE"]
 
 
 def run(command, cwd, log, timeout, env=None):
