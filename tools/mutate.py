@@ -10,6 +10,7 @@ suite. Run it before changing a kernel or a rule (docs/design.md, "Checking the 
 
     python tools/mutate.py                  # every mutant
     python tools/mutate.py --only alpha     # mutants whose name contains "alpha"
+    python tools/mutate.py --only alpha,norm  # ... "alpha" or "norm"
     python tools/mutate.py --list
 
 It needs the build dependencies of the package in the running environment (torch, ninja)
@@ -295,13 +296,16 @@ def test(scratch: Path, log: Path, timeout: int) -> bool:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=None, help="run the mutants whose name contains this")
+    parser.add_argument(
+        "--only", default=None, help="run the mutants whose name contains this (or any of these, comma-separated)"
+    )
     parser.add_argument("--start-at", default=None, help="skip the mutants listed before this one")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--scratch", default="/tmp/fused_dropout_mutants", help="scratch copy of the repository")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds for one test run")
     args = parser.parse_args()
-    mutants = [m for m in MUTANTS if args.only is None or args.only in m.name]
+    wanted = None if args.only is None else args.only.split(",")
+    mutants = [m for m in MUTANTS if wanted is None or any(w in m.name for w in wanted)]
     if args.start_at is not None:
         names = [m.name for m in mutants]
         mutants = mutants[names.index(args.start_at) :]
