@@ -69,6 +69,13 @@ const TwoByteLoops* two_byte_loops() {
   return std::is_same_v<scalar_t, c10::Half> ? &simd->half : &simd->bfloat16;
 }
 
+// Whether a mixed-dtype call whose 2-byte side is `narrow` and whose other side is `wide`
+// takes one pass: float16 only where the AVX-512 loops convert it beside float32, since the
+// portable loop's one pass, converting float16 an element at a time, is slower than two.
+inline bool one_pass_converts(at::ScalarType narrow, at::ScalarType wide) {
+  return narrow != at::kHalf || (wide == at::kFloat && simd_loops() != nullptr);
+}
+
 // One contiguous run (simd.h): the AVX-512 loops where the CPU has them (plain dropout and
 // dropout_add), else a loop the compiler vectorises.
 template <typename scalar_t, bool kTwoOperands, typename Rule>

@@ -51,13 +51,10 @@ void replay_converting(const at::Tensor& input, at::Tensor& output, RngState sta
 }
 
 // A replay into another dtype: one pass where the input is row-major and the mask full, else
-// the conversion and then the replay. A float16 output takes the two passes too unless the
-// AVX-512 loop runs it (a float32 input), as dropout_add's float16 input does.
+// the conversion and then the replay; a float16 output as one_pass_converts (cpu/walk.h) says.
 at::Tensor replay_into_dtype(const at::Tensor& input, const MaskLayout& layout, RngState state, double p,
                              std::optional<double> scale, at::ScalarType dtype) {
-  const bool half_without_vector_loop =
-      dtype == at::kHalf && (input.scalar_type() != at::kFloat || simd_loops() == nullptr);
-  if (!layout.row_major || !input.is_contiguous() || half_without_vector_loop) {
+  if (!layout.row_major || !input.is_contiguous() || !one_pass_converts(dtype, input.scalar_type())) {
     const at::Tensor converted = input.to(dtype);
     at::Tensor output = new_output(converted);
     dispatch_apply(converted, at::Tensor(), output, layout, state, p, RuleSpec{{}, {}, scale});

@@ -63,18 +63,16 @@ void dropout_add_widening(const at::Tensor& input, const at::Tensor& residual, c
 }
 
 // A residual of another dtype: one pass where the operands are row-major and the mask full,
-// else the composition (dropout, then the promoting add). A float16 input takes the
-// composition too unless the AVX-512 loop runs it (a float32 residual): its conversions, to
-// and from float for each element, have no vector form in the portable loop, and that one
-// pass measured 2.8x slower than the AVX-512 dropout and ATen's add (docs/performance.md).
+// else the composition (dropout, then the promoting add); a float16 input as
+// one_pass_converts (cpu/walk.h) says: the portable loop's one pass measured 2.8x slower
+// than the AVX-512 dropout and ATen's add (docs/performance.md).
 std::tuple<at::Tensor, at::Tensor> dropout_add_mixed_cpu(const at::Tensor& input, const at::Tensor& residual,
                                                          const std::optional<at::Tensor>& bias, double p,
                                                          std::optional<int64_t> seed, int64_t offset,
                                                          std::optional<at::Generator> generator,
                                                          at::IntArrayRef shared_dims, const MaskLayout& layout) {
-  const bool half_without_vector_loop =
-      input.scalar_type() == at::kHalf && (residual.scalar_type() != at::kFloat || simd_loops() == nullptr);
-  if (!layout.row_major || !input.is_contiguous() || !residual.is_contiguous() || half_without_vector_loop) {
+  if (!layout.row_major || !input.is_contiguous() || !residual.is_contiguous() ||
+      !one_pass_converts(input.scalar_type(), residual.scalar_type())) {
     return dropout_add_promoted(input, residual, bias, p, seed, offset, std::move(generator), shared_dims);
   }
   // A contiguous input's output keeps its strides: contiguous too.
