@@ -95,7 +95,8 @@ class GPT(nn.Module):
 
 # The models model_specs builds (--quick: the first two). timm_vit_small and hf_gpt2 are the
 # client libraries' own: timm's ViT with drop path, and transformers' GPT-2 with eager
-# attention, whose attention dropout is a functional call (replace_dropout(..., functional=True)).
+# attention, whose attention dropout is a functional call (replace_dropout(..., functional=True));
+# hf_gpt2_host is that GPT-2 at a host-bound size, where the functional mode's host cost shows.
 # The heads and llama_lora measure dropout before a Linear (FusedDropoutLinear).
 MODEL_NAMES = [
     "gpt2",
@@ -108,6 +109,7 @@ MODEL_NAMES = [
     "vit_b_16_norm",
     "timm_vit_small",
     "hf_gpt2",
+    "hf_gpt2_host",
     "vgg11_head",
     "efficientnet_b0_head",
     "llama_lora",
@@ -287,6 +289,23 @@ def client_library_specs(device, image, gpt, images, tokens):
             return LogitsOf(model)
 
         specs.append(("hf_gpt2", hf_gpt2, tokens()))
+
+        # The same at a size whose step is host-bound on any device (2 layers of width 64, 2 x 16
+        # tokens): what the functional mode costs the host shows here, not in the compute. The
+        # extra variant swaps the modules only (functional=False), leaving the attention dropout
+        # to torch.
+        def hf_gpt2_host(functional):
+            config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=16, vocab_size=128)
+            model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager")
+            if functional:
+                fused_dropout.replace_dropout(model, functional=True)
+            return LogitsOf(model)
+
+        def few_tokens():
+            return torch.randint(0, 128, (2, 16), device=device), torch.randint(0, 128, (2, 16), device=device)
+
+        others = {"modules_only": lambda: fused_dropout.replace_dropout(hf_gpt2_host(False))}
+        specs.append(("hf_gpt2_host", hf_gpt2_host, few_tokens, others))
     return specs
 
 
@@ -351,7 +370,7 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress,
         models[kind] = build_other().to(device)
     for kind in models:
         models[kind].load_state_dict(stock.state_dict())
-    loss_fn = lm_loss if name in ("gpt2", "gpt2_norm", "hf_gpt2", "llama_lora") else F.cross_entropy
+    loss_fn = lm_loss if name in ("gpt2", "gpt2_norm", "hf_gpt2", "hf_gpt2_host", "llama_lora") else F.cross_entropy
     batch = make_batch()
     variants = {}
     for mode in modes:

@@ -5,15 +5,16 @@ Models call ``F.dropout`` directly where no module holds the dropout (transforme
 attention, timm's classifier heads), and a module swap cannot reach those calls.
 :func:`functional_mode` is a ``TorchFunctionMode`` that, while active, answers those calls
 with this package's functions (the same arguments, torch's semantics and messages) and passes
-every other call through. ``replace_dropout(model, functional=True)`` keeps it active wherever
-the model's modules run, including a layer recomputed under activation checkpointing during
-backward.
+every other call through. ``replace_dropout(model, functional=True)`` keeps it active in the
+modules that call those functions, including a layer recomputed under activation
+checkpointing during backward, and nowhere else.
 """
 
 import inspect
 import sys
 import threading
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -37,9 +38,12 @@ class FunctionalDropoutMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         route = _ROUTES.get(func)
-        if route is not None:
-            return route(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+        if route is None:
+            return func(*args, **(kwargs or {}))
+        if not torch.compiler.is_compiling() and _ENTRIES.stack:
+            module, routing, _ = _ENTRIES.stack[-1]
+            routing.callers.add(type(module))
+        return route(*args, **(kwargs or {}))
 
 
 def functional_mode() -> FunctionalDropoutMode:
@@ -62,7 +66,8 @@ def functional_mode() -> FunctionalDropoutMode:
 
 
 class _ModeEntries(threading.local):
-    # Per thread: the modules that entered the mode, innermost last, with the mode each entered.
+    # Per thread: the hooked modules running, innermost last, each with the routing that hooked
+    # it and the mode it entered (None where the mode was already active, or it was not training).
     def __init__(self):
         self.stack = []
 
@@ -70,51 +75,79 @@ class _ModeEntries(threading.local):
 _ENTRIES = _ModeEntries()
 
 
-class _EnterMode:
-    """A forward pre-hook: the outermost hooked module of a call enters the mode."""
+class _Routing:
+    """What ``replace_dropout(model, functional=True)`` installs on one model.
 
-    def __call__(self, module, args):
-        if not any(isinstance(mode, FunctionalDropoutMode) for _, mode in _ENTRIES.stack):
+    A mode costs every torch call made under it a Python call, and a forward hook costs every
+    call of its module one, so both go only where functional dropout runs. Until the model's
+    first training forward ends, every module is hooked and the outermost one running enters
+    the mode; the mode notes the class of the innermost module of each dropout call it answers.
+    After that forward, only the modules of those classes keep the hooks, and each enters the
+    mode when none is active. Hooks on the modules themselves, not only on the model, are what
+    cover a layer recomputed under checkpointing during backward, outside the model's forward.
+    A module in eval mode does not enter it: torch's dropout is the identity there.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.callers = set()
+        self.learned = False
+        self.handles = []
+        self._hook(model.modules())
+
+    def _hook(self, modules):
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, module, args):
+        mode = None
+        if module.training and all(entered is None for _, _, entered in _ENTRIES.stack):
             mode = FunctionalDropoutMode()
             mode.__enter__()
-            _ENTRIES.stack.append((id(module), mode))
+        _ENTRIES.stack.append((module, self, mode))
+
+    def _leave(self, module, args, output):
+        # Always called, also when forward raised; each module pops its own entry.
+        if not _ENTRIES.stack or _ENTRIES.stack[-1][0] is not module:
+            return
+        _, _, mode = _ENTRIES.stack.pop()
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        learning = not torch.compiler.is_compiling() and not self.learned and module is self.model
+        if learning and sys.exc_info()[1] is None:
+            self._narrow()
+
+    def _narrow(self):
+        self.learned = True
+        self.remove()
+        self._hook(m for m in self.model.modules() if type(m) in self.callers)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
-class _ExitMode:
-    """A forward hook (always called, also when forward raises): the module that entered the
-    mode leaves it."""
-
-    def __call__(self, module, args, output):
-        if _ENTRIES.stack and _ENTRIES.stack[-1][0] == id(module):
-            _, mode = _ENTRIES.stack.pop()
-            mode.__exit__(None, None, None)
-
-
-_HANDLES = "_fused_dropout_functional_handles"
+_ROUTING = "_fused_dropout_functional_routing"
 
 
 def install(model: nn.Module) -> None:
-    """Keeps the mode active wherever ``model``'s modules run: every module gets the hooks, so
-    a submodule called on its own (recomputed under checkpointing during backward, outside the
-    model's forward) is covered too. Idempotent; :func:`remove` undoes it."""
-    if getattr(model, _HANDLES, None):
-        return
-    handles = []
-    for module in model.modules():
-        if any(isinstance(hook, _EnterMode) for hook in module._forward_pre_hooks.values()):
-            continue  # a submodule installed on its own
-        handles.append(module.register_forward_pre_hook(_EnterMode()))
-        handles.append(module.register_forward_hook(_ExitMode(), always_call=True))
-    object.__setattr__(model, _HANDLES, handles)
+    """Keeps the mode active wherever ``model``'s modules call functional dropout (see
+    :class:`_Routing`). Installing again starts over: after a module is added, or an
+    attention implementation switched, the next training forward learns anew."""
+    remove(model)
+    object.__setattr__(model, _ROUTING, _Routing(model))
 
 
 def remove(model: nn.Module) -> None:
     """Removes what ``replace_dropout(model, functional=True)`` installed: the model's
     functional dropout calls run in torch again. Its ``state_dict`` was never touched."""
-    for handle in getattr(model, _HANDLES, None) or []:
-        handle.remove()
-    if hasattr(model, _HANDLES):
-        object.__delattr__(model, _HANDLES)
+    routing = getattr(model, _ROUTING, None)
+    if routing is not None:
+        routing.remove()
+        object.__delattr__(model, _ROUTING)
 
 
 def uses_functional_dropout(module: nn.Module) -> bool:

@@ -780,9 +780,11 @@ def replace_dropout(
 
     With ``functional``, the model's own calls of ``torch.nn.functional.dropout`` (and its
     channel-wise and alpha forms), which no module swap reaches, run as the fused ops too:
-    :func:`fused_dropout.functional_mode` is kept active wherever the model's modules run,
-    including a layer recomputed under checkpointing. ``fused_dropout.remove_functional_mode``
-    undoes it; ``state_dict`` is untouched either way.
+    :func:`fused_dropout.functional_mode` is kept active, in training, in the modules that call
+    them (learned in the first training forward, which runs it over the whole model), including
+    a layer recomputed under checkpointing. Replacing again learns anew, after a module is
+    added. ``fused_dropout.remove_functional_mode`` undoes it; ``state_dict`` is untouched
+    either way.
 
     With ``fuse_norms``, each torchvision ViT ``EncoderBlock`` runs its attention branch's
     dropout, the residual add and ``ln_2`` as one :func:`~fused_dropout.functional.dropout_add_layer_norm`

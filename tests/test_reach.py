@@ -43,6 +43,14 @@ def training_step(model, run):
     return count
 
 
+def assert_every_dropout_fused(model, run, steps=3):
+    """The first training step runs the mode over the whole model and notes where functional
+    dropout is called; the steps after it hook only those modules. Every step must be fused."""
+    for step in range(steps):
+        count = training_step(model, run)
+        assert (count.torch_kernels, count.fused > 0) == (0, True), f"step {step}"
+
+
 def replaced_quietly(model, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -86,21 +94,27 @@ def test_drop_path_without_scaling_replays_its_mask_in_backward():
     )
 
 
-TIMM_MODELS = [
-    "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224",
-    "convnext_atto",
-    "efficientnet_b0",
-    "mobilenetv3_small_100",
-]
+TIMM_MODELS = {
+    "vit_tiny_patch16_224": {},
+    "deit_tiny_patch16_224": {},
+    "convnext_atto": {},
+    "efficientnet_b0": {},
+    "mobilenetv3_small_100": {},
+    # Swin-T's blocks, at a width and depth a CPU test affords.
+    "swin_tiny_patch4_window7_224": dict(
+        img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)
+    ),
+}
 
 
 @pytest.mark.parametrize("name", TIMM_MODELS)
 def test_timm_models_lose_every_torch_dropout(name):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    stock = timm.create_model(name, pretrained=False, drop_path_rate=0.1, drop_rate=0.2, num_classes=10)
-    x = random_input((2, 3, 224, 224), torch.float32)
+    config = TIMM_MODELS[name]
+    stock = timm.create_model(name, pretrained=False, drop_path_rate=0.1, drop_rate=0.2, num_classes=10, **config)
+    size = config.get("img_size", 224)
+    x = random_input((2, 3, size, size), torch.float32)
     model = copy.deepcopy(stock)
     fd.replace_dropout(model, functional=True)
     drop_paths = [m for m in model.modules() if isinstance(m, fd.FusedDropPath)]
@@ -113,8 +127,7 @@ def test_timm_models_lose_every_torch_dropout(name):
     stock.load_state_dict(model.state_dict(), strict=True)
     stock.train(), model.train()
     assert training_step(stock, lambda m: m(x).sum()).torch_kernels > 0
-    count = training_step(model, lambda m: m(x).sum())
-    assert count.torch_kernels == 0 and count.fused > 0
+    assert_every_dropout_fused(model, lambda m: m(x).sum(), steps=2)
 
 
 def test_a_module_registered_twice_is_replaced_once_in_both_places():
@@ -195,6 +208,20 @@ def test_functional_mode_compiles_without_a_graph_break():
     assert_bitwise_equal(out, model(x))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_refuses_the_mode_and_scripts_the_model_without_it():
+    model = nn.Sequential(nn.Linear(8, 8), _Head(0.3))
+    fd.replace_dropout(model, functional=True)
+    with pytest.raises(RuntimeError, match="Hook"):
+        torch.jit.script(model)  # scripted code runs no torch function mode: not silently unfused
+    fd.remove_functional_mode(model)
+    x = random_input((4, 8), torch.float32)
+    torch.manual_seed(0)
+    scripted = torch.jit.script(model)(x)
+    torch.manual_seed(0)
+    assert_bitwise_equal(scripted, model(x))
+
+
 def test_export_of_a_model_with_functional_dropout():
     class Block(nn.Module):
         def forward(self, x):
@@ -228,8 +255,7 @@ def test_gpt2_eager_attention_dropout_is_reached_and_removable():
     assert training_step(model, _loss(ids)).torch_kernels == 2  # the attention dropout, in F.dropout
     keys = list(model.state_dict())
     fd.replace_dropout(model, functional=True)
-    count = training_step(model, _loss(ids))
-    assert count.torch_kernels == 0 and count.fused > 0
+    assert_every_dropout_fused(model, _loss(ids))
     assert list(model.state_dict()) == keys
     fd.remove_functional_mode(model)
     assert training_step(model, _loss(ids)).torch_kernels == 2
@@ -241,14 +267,94 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
     fd.replace_dropout(plain, functional=True)
     checkpointed = copy.deepcopy(plain)
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    grads = []
-    for model in (plain, checkpointed):
-        torch.manual_seed(5)
-        count = training_step(model, _loss(ids))
-        assert count.torch_kernels == 0
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    late = copy.deepcopy(plain)  # checkpointing turned on after the step that narrows the hooks
+    for step in range(2):
+        if step == 1:
+            late.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        grads = []
+        for model in (plain, checkpointed, late):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5 + step)
+            count = training_step(model, _loss(ids))
+            assert count.torch_kernels == 0
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for ours in grads[1:]:
+            for a, b in zip(grads[0], ours):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+class _ModeProbe:
+    """Records, per class, how many torch function modes are active when a module's forward
+    starts (a pre-hook registered after replace_dropout's runs after it)."""
+
+    def __init__(self, model):
+        self.seen = {}
+        for module in model.modules():
+            module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.seen[type(module).__name__] = torch._C._len_torch_function_stack()
+
+
+def _hooked(model):
+    return sorted({type(m).__name__ for m in model.modules() if m._forward_pre_hooks})
+
+
+def test_the_mode_runs_only_where_functional_dropout_is_called():
+    transformers = pytest.importorskip("transformers")
+    model = _gpt2()
+    fd.replace_dropout(model, functional=True)
+    ids = torch.randint(0, 128, (2, 16))
+    assert len(_hooked(model)) > 5  # until the first training forward, every module
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(_hooked(model)) > 5, "an eval forward calls no dropout: it must not narrow"
+    model.train()
+    training_step(model, _loss(ids))
+    assert _hooked(model) == ["GPT2Attention"]
+    assert all(
+        isinstance(m, transformers.models.gpt2.modeling_gpt2.GPT2Attention)
+        for m in model.modules()
+        if m._forward_pre_hooks
+    )
+    probe = _ModeProbe(model)
+    training_step(model, _loss(ids))
+    assert probe.seen["GPT2Attention"] == 1 and probe.seen["GPT2MLP"] == probe.seen["GPT2Model"] == 0
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert probe.seen["GPT2Attention"] == 0, "in eval the mode is not entered"
+
+
+class _Head(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.dropout(self.linear(x), self.p, self.training)
+
+
+def test_learning_takes_a_whole_training_forward_and_starts_over_on_replace():
+    model = nn.Sequential(nn.Linear(8, 8), _Head(0.3), nn.ReLU())
+    fd.replace_dropout(model, functional=True)
+    with pytest.raises(RuntimeError):
+        model(random_input((4, 3), torch.float32))  # raises before any dropout call
+    model[1](random_input((4, 8), torch.float32))  # a submodule on its own does not end learning
+    assert len(_hooked(model)) == 4
+    x = random_input((4, 8), torch.float32)
+    assert_every_dropout_fused(model, lambda m: m(x).sum())
+    assert _hooked(model) == ["_Head"]
+    # A module added later is not hooked until replace_dropout runs again, which learns anew.
+    model.append(_Head(0.2))
+    assert training_step(model, lambda m: m(x).sum()).torch_kernels == 1
+    fd.replace_dropout(model, functional=True)
+    assert_every_dropout_fused(model, lambda m: m(x).sum())
+    assert _hooked(model) == ["_Head"] and model[3]._forward_pre_hooks
+    fd.remove_functional_mode(model)
+    assert _hooked(model) == [] and training_step(model, lambda m: m(x).sum()).torch_kernels == 2
 
 
 @pytest.mark.parametrize("name", ["bert", "t5"])
@@ -268,8 +374,7 @@ def test_transformers_models_lose_every_torch_dropout(name):
     ids = torch.randint(1, 128, (2, 16))
     assert training_step(model, _loss(ids)).torch_kernels > 0
     fd.replace_dropout(model, functional=True)
-    count = training_step(model, _loss(ids))
-    assert count.torch_kernels == 0 and count.fused > 0
+    assert_every_dropout_fused(model, _loss(ids))
 
 
 def test_peft_lora_dropout_is_swapped_when_replaced_after_get_peft_model():
@@ -281,4 +386,4 @@ def test_peft_lora_dropout_is_swapped_when_replaced_after_get_peft_model():
     lora_dropouts = [m for name, m in model.named_modules() if "lora_dropout" in name and not len(m._modules)]
     assert lora_dropouts and all(isinstance(m, fd.FusedDropout) for m in lora_dropouts)
     ids = torch.randint(0, 128, (2, 16))
-    assert training_step(model, _loss(ids)).torch_kernels == 0
+    assert_every_dropout_fused(model, _loss(ids))
