@@ -16,6 +16,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -41,9 +42,35 @@ class FunctionalDropoutMode(TorchFunctionMode):
         if route is None:
             return func(*args, **(kwargs or {}))
         if not torch.compiler.is_compiling() and _ENTRIES.stack:
-            module, routing, _ = _ENTRIES.stack[-1]
+            module, routing, _, call = _ENTRIES.stack[-1]
             routing.callers.add(type(module))
+            _refuse_a_call_checkpointed_inside(module, call, func)
         return route(*args, **(kwargs or {}))
+
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+
+def _refuse_a_call_checkpointed_inside(module, call, func):
+    """A dropout call inside a function that ``torch.utils.checkpoint`` runs within ``module``'s
+    forward is recomputed during backward with no module call around it, so no hook enters
+    the mode: the recomputation would draw torch's mask, not the forward's, and the gradients
+    would be wrong (silently, with ``use_reentrant=True``). Refused here. A checkpointed module
+    is fine: its call is hooked, and recomputing it enters the mode. ``call`` is the frame of
+    ``module``'s call, where the search for a checkpoint between the two ends."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            raise RuntimeError(
+                f"replace_dropout(model, functional=True): {type(module).__name__}'s forward calls "
+                f"torch.nn.functional.{func.__name__} inside a function that torch.utils.checkpoint "
+                "recomputes during backward, where no module call enters the functional mode, so "
+                "the recomputation would draw another mask than the forward. Checkpoint a module "
+                "instead (its call is hooked), or leave functional=False for this model."
+            )
+        if frame is call:
+            return
+        frame = frame.f_back
 
 
 def functional_mode() -> FunctionalDropoutMode:
@@ -67,7 +94,8 @@ def functional_mode() -> FunctionalDropoutMode:
 
 class _ModeEntries(threading.local):
     # Per thread: the hooked modules running, innermost last, each with the routing that hooked
-    # it and the mode it entered (None where the mode was already active, or it was not training).
+    # it, the mode it entered (None where the mode was already active, or it was not training)
+    # and the frame of its call (None while compiling).
     def __init__(self):
         self.stack = []
 
@@ -102,21 +130,23 @@ class _Routing:
 
     def _enter(self, module, args):
         mode = None
-        if module.training and all(entered is None for _, _, entered in _ENTRIES.stack):
+        if module.training and all(entry[2] is None for entry in _ENTRIES.stack):
             mode = FunctionalDropoutMode()
             mode.__enter__()
-        _ENTRIES.stack.append((module, self, mode))
+        call = None if torch.compiler.is_compiling() else sys._getframe(1)
+        _ENTRIES.stack.append((module, self, mode, call))
 
     def _leave(self, module, args, output):
         # Always called, also when forward raised; each module pops its own entry.
         if not _ENTRIES.stack or _ENTRIES.stack[-1][0] is not module:
             return
-        _, _, mode = _ENTRIES.stack.pop()
+        mode = _ENTRIES.stack.pop()[2]
         if mode is None:
             return
         mode.__exit__(None, None, None)
+        # torch passes output None when forward raised: a forward cut short teaches nothing.
         learning = not torch.compiler.is_compiling() and not self.learned and module is self.model
-        if learning and sys.exc_info()[1] is None:
+        if learning and output is not None:
             self._narrow()
 
     def _narrow(self):

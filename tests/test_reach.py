@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 import fused_dropout as fd
 
@@ -281,6 +282,54 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
         for ours in grads[1:]:
             for a, b in zip(grads[0], ours):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_functional_dropout_in_a_function_checkpointed_inside_a_module_is_refused(use_reentrant):
+    class Inner(nn.Module):
+        # Checkpoints a function of its own: recomputed in backward with no module call around it.
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return checkpoint(self.branch, x, use_reentrant=use_reentrant)
+
+        def branch(self, x):
+            return F.dropout(self.linear(x), 0.5, self.training) * 2
+
+    model = nn.Sequential(nn.Linear(8, 8), Inner())
+    fd.replace_dropout(model, functional=True)
+    x = random_input((4, 8), torch.float32).requires_grad_(True)
+    message = "Inner's forward calls torch.nn.functional.dropout inside a function that torch.utils.checkpoint"
+    with pytest.raises(RuntimeError, match=message):
+        model(x)
+    fd.remove_functional_mode(model)
+    model(x).sum().backward()  # torch's dropout, recomputed by torch: consistent
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_checkpointed_module_recomputes_the_forwards_mask(use_reentrant):
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = _Head(0.5)
+
+        def forward(self, x):
+            return checkpoint(self.head, x, use_reentrant=use_reentrant) * 2
+
+    model = Outer()
+    fd.replace_dropout(model, functional=True)
+    x = random_input((4, 8), torch.float32).requires_grad_(True)
+    for step in range(3):  # the learning forward, then the narrowed ones
+        model.zero_grad(set_to_none=True)
+        count = training_step(model, lambda m: m(x).sum())
+        assert count.torch_kernels == 0, f"step {step}"
+        out = model(x)  # the next draw; its gradient below is of the same mask
+        model.zero_grad(set_to_none=True)
+        out.sum().backward()
+        kept = out.ne(0).to(out.dtype)
+        torch.testing.assert_close(model.head.linear.bias.grad, (kept * 4).sum(0), rtol=0, atol=1e-6)
 
 
 class _ModeProbe:
