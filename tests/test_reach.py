@@ -406,24 +406,36 @@ def test_learning_takes_a_whole_training_forward_and_starts_over_on_replace():
     assert _hooked(model) == [] and training_step(model, lambda m: m(x).sum()).torch_kernels == 2
 
 
-@pytest.mark.parametrize("name", ["bert", "t5"])
-def test_transformers_models_lose_every_torch_dropout(name):
-    transformers = pytest.importorskip("transformers")
+def _transformers_model(transformers, name):
+    """A small model of the family, eager attention, and its training loss."""
+    small = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    ids = torch.randint(1, 128, (2, 16))
     if name == "bert":
-        config = transformers.BertConfig(
-            num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=128
-        )
-        model = transformers.BertForMaskedLM._from_config(config, attn_implementation="eager")
-    else:
+        config = transformers.BertConfig(vocab_size=128, **small)
+        return transformers.BertForMaskedLM._from_config(config, attn_implementation="eager"), _loss(ids)
+    if name == "t5":
         config = transformers.T5Config(
             num_layers=2, d_model=64, num_heads=2, d_ff=128, d_kv=32, vocab_size=128, decoder_start_token_id=0
         )
-        model = transformers.T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
+        return transformers.T5ForConditionalGeneration._from_config(config, attn_implementation="eager"), _loss(ids)
+    if name == "llama":
+        config = transformers.LlamaConfig(vocab_size=128, attention_dropout=0.1, **small)
+        return transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager"), _loss(ids)
+    dropouts = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_labels=3, **dropouts, **small)
+    model = transformers.ViTForImageClassification._from_config(config, attn_implementation="eager")
+    pixels = random_input((2, 3, 32, 32), torch.float32)
+    return model, lambda m: m(pixel_values=pixels, labels=torch.tensor([0, 2])).loss
+
+
+@pytest.mark.parametrize("name", ["bert", "t5", "llama", "vit"])
+def test_transformers_models_lose_every_torch_dropout(name):
+    transformers = pytest.importorskip("transformers")
+    model, loss = _transformers_model(transformers, name)
     model.train()
-    ids = torch.randint(1, 128, (2, 16))
-    assert training_step(model, _loss(ids)).torch_kernels > 0
+    assert training_step(model, loss).torch_kernels > 0
     fd.replace_dropout(model, functional=True)
-    assert_every_dropout_fused(model, _loss(ids))
+    assert_every_dropout_fused(model, loss)
 
 
 def test_peft_lora_dropout_is_swapped_when_replaced_after_get_peft_model():
