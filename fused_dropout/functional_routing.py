@@ -117,7 +117,8 @@ class _Routing:
     """
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        # No reference to the model: its hooks hold this object, and a cycle through them would
+        # keep a deleted model's memory until the garbage collector runs.
         self.callers = set()
         self.learned = False
         self.handles = []
@@ -145,14 +146,14 @@ class _Routing:
             return
         mode.__exit__(None, None, None)
         # torch passes output None when forward raised: a forward cut short teaches nothing.
-        learning = not torch.compiler.is_compiling() and not self.learned and module is self.model
+        learning = not torch.compiler.is_compiling() and not self.learned and _routing_of(module) is self
         if learning and output is not None:
-            self._narrow()
+            self._narrow(module)
 
-    def _narrow(self):
+    def _narrow(self, model):
         self.learned = True
         self.remove()
-        self._hook(m for m in self.model.modules() if type(m) in self.callers)
+        self._hook(m for m in model.modules() if type(m) in self.callers)
 
     def remove(self):
         for handle in self.handles:
@@ -161,6 +162,10 @@ class _Routing:
 
 
 _ROUTING = "_fused_dropout_functional_routing"
+
+
+def _routing_of(model):
+    return model.__dict__.get(_ROUTING)
 
 
 def install(model: nn.Module) -> None:
@@ -174,7 +179,7 @@ def install(model: nn.Module) -> None:
 def remove(model: nn.Module) -> None:
     """Removes what ``replace_dropout(model, functional=True)`` installed: the model's
     functional dropout calls run in torch again. Its ``state_dict`` was never touched."""
-    routing = getattr(model, _ROUTING, None)
+    routing = _routing_of(model)
     if routing is not None:
         routing.remove()
         object.__delattr__(model, _ROUTING)

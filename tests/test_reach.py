@@ -3,8 +3,10 @@ transformers' and timm's code routed to the fused ops, and a warning for whateve
 Models are built from configs with random weights; nothing is downloaded."""
 
 import copy
+import gc
 import os
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -211,6 +213,24 @@ def test_functional_mode_compiles_without_a_graph_break():
         assert _hooked(model) == hooked, "compiling learns nothing"
         torch.manual_seed(0)
         assert_bitwise_equal(out, model(x))
+
+
+def test_a_copy_learns_on_its_own_and_a_deleted_model_is_freed_at_once():
+    model = nn.Sequential(nn.Linear(8, 8), _Head(0.3), nn.Linear(8, 8))
+    fd.replace_dropout(model, functional=True)
+    copied = copy.deepcopy(model)
+    x = random_input((4, 8), torch.float32)
+    assert_every_dropout_fused(copied, lambda m: m(x).sum())
+    assert _hooked(copied) == ["_Head"] and _hooked(model) == ["Linear", "Sequential", "_Head"]
+    assert_every_dropout_fused(model, lambda m: m(x).sum())
+    # The hooks hold no reference back to the model: without a cycle, deleting it frees it.
+    gc.disable()
+    try:
+        freed = weakref.ref(model)
+        del model
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
