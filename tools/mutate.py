@@ -246,6 +246,28 @@ MUTANTS = [
         "",
         "hooks on a replaced module are lost",
     ),
+    # The functional mode (fused_dropout/functional_routing.py).
+    Mutant(
+        "functional-learns-from-any-module",
+        "fused_dropout/functional_routing.py",
+        "and not self.learned and _routing_of(module) is self",
+        "and not self.learned",
+        "a submodule called on its own ends the learning forward: the model's other callers lose the mode",
+    ),
+    Mutant(
+        "functional-mode-in-eval",
+        "fused_dropout/functional_routing.py",
+        "if module.training and all(entry[2] is None for entry in _ENTRIES.stack):",
+        "if all(entry[2] is None for entry in _ENTRIES.stack):",
+        "the mode is entered in eval too, where it only costs host time",
+    ),
+    Mutant(
+        "functional-checkpointed-call-allowed",
+        "fused_dropout/functional_routing.py",
+        "            _refuse_a_call_checkpointed_inside(module, call, func)\n",
+        "",
+        "F.dropout in a function checkpointed inside a module is fused, and recomputed by torch's kernel",
+    ),
 ]
 
 # The files a scratch copy needs: the package, its sources, the tests and this tool (whose
