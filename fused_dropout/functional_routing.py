@@ -13,6 +13,8 @@ checkpointing during backward, and nowhere else.
 import inspect
 import sys
 import threading
+import types
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,9 @@ class FunctionalDropoutMode(TorchFunctionMode):
         if route is None:
             return func(*args, **(kwargs or {}))
         if not torch.compiler.is_compiling() and _ENTRIES.stack:
-            module, routing, _, call = _ENTRIES.stack[-1]
-            routing.callers.add(type(module))
-            _refuse_a_call_checkpointed_inside(module, call, func)
+            entry = _ENTRIES.stack[-1]
+            entry.routing.callers.add(type(entry.module))
+            _refuse_a_call_checkpointed_inside(entry.module, entry.call, func)
         return route(*args, **(kwargs or {}))
 
 
@@ -92,10 +94,17 @@ def functional_mode() -> FunctionalDropoutMode:
     return FunctionalDropoutMode()
 
 
+class _Entry(NamedTuple):
+    """A hooked module running on this thread."""
+
+    module: nn.Module
+    routing: "_Routing"  # that hooked it
+    mode: Optional[FunctionalDropoutMode]  # that it entered: None where one was active, or in eval
+    call: Optional[types.FrameType]  # the frame of its call; None while compiling
+
+
 class _ModeEntries(threading.local):
-    # Per thread: the hooked modules running, innermost last, each with the routing that hooked
-    # it, the mode it entered (None where the mode was already active, or it was not training)
-    # and the frame of its call (None while compiling).
+    # Per thread: the hooked modules running, innermost last.
     def __init__(self):
         self.stack = []
 
@@ -107,8 +116,8 @@ class _Routing:
     """What ``replace_dropout(model, functional=True)`` installs on one model.
 
     A mode costs every torch call made under it a Python call, and a forward hook costs every
-    call of its module one, so both go only where functional dropout runs. Until the model's
-    first training forward ends, every module is hooked and the outermost one running enters
+    call of its module one, so both go only where functional dropout runs. Until a training
+    forward of the model returns, every module is hooked and the outermost one running enters
     the mode; the mode notes the class of the innermost module of each dropout call it answers.
     After that forward, only the modules of those classes keep the hooks, and each enters the
     mode when none is active. Hooks on the modules themselves, not only on the model, are what
@@ -131,17 +140,17 @@ class _Routing:
 
     def _enter(self, module, args):
         mode = None
-        if module.training and all(entry[2] is None for entry in _ENTRIES.stack):
+        if module.training and all(entry.mode is None for entry in _ENTRIES.stack):
             mode = FunctionalDropoutMode()
             mode.__enter__()
         call = None if torch.compiler.is_compiling() else sys._getframe(1)
-        _ENTRIES.stack.append((module, self, mode, call))
+        _ENTRIES.stack.append(_Entry(module, self, mode, call))
 
     def _leave(self, module, args, output):
         # Always called, also when forward raised; each module pops its own entry.
-        if not _ENTRIES.stack or _ENTRIES.stack[-1][0] is not module:
+        if not _ENTRIES.stack or _ENTRIES.stack[-1].module is not module:
             return
-        mode = _ENTRIES.stack.pop()[2]
+        mode = _ENTRIES.stack.pop().mode
         if mode is None:
             return
         mode.__exit__(None, None, None)

@@ -257,14 +257,14 @@ MUTANTS = [
     Mutant(
         "functional-mode-in-eval",
         "fused_dropout/functional_routing.py",
-        "if module.training and all(entry[2] is None for entry in _ENTRIES.stack):",
-        "if all(entry[2] is None for entry in _ENTRIES.stack):",
+        "if module.training and all(entry.mode is None for entry in _ENTRIES.stack):",
+        "if all(entry.mode is None for entry in _ENTRIES.stack):",
         "the mode is entered in eval too, where it only costs host time",
     ),
     Mutant(
         "functional-checkpointed-call-allowed",
         "fused_dropout/functional_routing.py",
-        "            _refuse_a_call_checkpointed_inside(module, call, func)\n",
+        "            _refuse_a_call_checkpointed_inside(entry.module, entry.call, func)\n",
         "",
         "F.dropout in a function checkpointed inside a module is fused, and recomputed by torch's kernel",
     ),
