@@ -279,33 +279,33 @@ def client_library_specs(device, image, gpt, images, tokens):
         print("bench_models: transformers is not installed; skipping hf_gpt2", file=sys.stderr)
     else:
 
-        def hf_gpt2(fused):
-            config = transformers.GPT2Config(
-                n_layer=gpt["layers"], n_embd=gpt["dim"], n_head=gpt["heads"], n_positions=gpt["seq"], vocab_size=50257
-            )
-            model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager")
-            if fused:
-                fused_dropout.replace_dropout(model, functional=True)
-            return LogitsOf(model)
+        def hf_gpt2(layers, dim, heads, seq, vocab):
+            """transformers' GPT-2 with eager attention; fused, replace_dropout(..., functional=True)."""
 
-        specs.append(("hf_gpt2", hf_gpt2, tokens()))
+            def build(functional):
+                config = transformers.GPT2Config(
+                    n_layer=layers, n_embd=dim, n_head=heads, n_positions=seq, vocab_size=vocab
+                )
+                model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager")
+                if functional:
+                    fused_dropout.replace_dropout(model, functional=True)
+                return LogitsOf(model)
+
+            return build
+
+        specs.append(("hf_gpt2", hf_gpt2(gpt["layers"], gpt["dim"], gpt["heads"], gpt["seq"], 50257), tokens()))
 
         # The same at a size whose step is host-bound on any device (2 layers of width 64, 2 x 16
         # tokens): what the functional mode costs the host shows here, not in the compute. The
         # extra variant swaps the modules only (functional=False), leaving the attention dropout
         # to torch.
-        def hf_gpt2_host(functional):
-            config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=16, vocab_size=128)
-            model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager")
-            if functional:
-                fused_dropout.replace_dropout(model, functional=True)
-            return LogitsOf(model)
+        host = hf_gpt2(2, 64, 2, 16, 128)
 
         def few_tokens():
             return torch.randint(0, 128, (2, 16), device=device), torch.randint(0, 128, (2, 16), device=device)
 
-        others = {"modules_only": lambda: fused_dropout.replace_dropout(hf_gpt2_host(False))}
-        specs.append(("hf_gpt2_host", hf_gpt2_host, few_tokens, others))
+        others = {"modules_only": lambda: fused_dropout.replace_dropout(host(False))}
+        specs.append(("hf_gpt2_host", host, few_tokens, others))
     return specs
 
 
@@ -370,8 +370,8 @@ def bench_model(name, build, make_batch, device, modes, steps, warmup, progress,
         models[kind] = build_other().to(device)
     for kind in models:
         models[kind].load_state_dict(stock.state_dict())
-    loss_fn = lm_loss if name in ("gpt2", "gpt2_norm", "hf_gpt2", "hf_gpt2_host", "llama_lora") else F.cross_entropy
     batch = make_batch()
+    loss_fn = lm_loss if batch[1].dim() == 2 else F.cross_entropy  # a token per position, or a class per row
     variants = {}
     for mode in modes:
         for kind, model in models.items():
